@@ -1,0 +1,1 @@
+"""Flax NNX building blocks whose module tree mirrors diffusers (see convert.py)."""
