@@ -83,8 +83,7 @@ def flax_to_torch_leaf(path: str, arr: np.ndarray) -> tuple[str, np.ndarray]:
 
 def torch_shape_to_flax(key: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
     """Like `torch_to_flax_leaf`, on shapes only (for strict checks before reading data)."""
-    path, arr = torch_to_flax_leaf(key, np.empty(shape, dtype=np.uint8) if len(shape) else
-                                   np.empty((), np.uint8))
+    path, arr = torch_to_flax_leaf(key, np.broadcast_to(np.zeros((), np.uint8), shape))
     return path, tuple(arr.shape)
 
 
@@ -229,16 +228,29 @@ _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
               np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 
 
+class LazyTensor:
+    """Shape and dtype now, data on call: lets writers lay out a file before reading tensors."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, fn: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self._fn = tuple(shape), np.dtype(dtype), fn
+
+    def __call__(self) -> np.ndarray:
+        return self._fn()
+
+
+def _materialise(a) -> np.ndarray:
+    return a() if callable(a) else np.asarray(a)
+
+
 def write_safetensors(path: str, items: Iterable[tuple[str, Any]], *,
                       metadata: dict[str, str] | None = None) -> None:
-    """Streaming safetensors writer: one tensor in memory at a time. `items` yields
-    (name, array-like); it is consumed twice (shapes first), so pass a re-iterable or a
-    list of (name, thunk) pairs via `LazyItems`."""
+    """Streaming safetensors writer: items are (name, array or LazyTensor); the header is laid
+    out from shapes, then tensors are read and written one at a time. Writes to a temporary
+    name and renames, so a crash never leaves a truncated file under the final name."""
     items = list(items)
     header: dict[str, Any] = {}
     offset = 0
-    for name, arr in items:
-        a = arr() if callable(arr) else arr
+    for name, a in items:
         dt = np.dtype(a.dtype)
         if dt not in _ST_DTYPES:
             raise CheckpointError(f"cannot write {name}: dtype {dt} has no safetensors code")
@@ -254,9 +266,8 @@ def write_safetensors(path: str, items: Iterable[tuple[str, Any]], *,
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
-        for _name, arr in items:
-            a = arr() if callable(arr) else arr
-            f.write(np.ascontiguousarray(np.asarray(a)).tobytes())
+        for _name, a in items:
+            f.write(np.ascontiguousarray(_materialise(a)).tobytes())
     os.replace(tmp, path)  # never leave a half-written file under the final name
 
 
@@ -413,11 +424,11 @@ def _copy_configs(config_dir: str, out_dir: str) -> None:
             shutil.copytree(src, os.path.join(out_dir, "config", sub), dirs_exist_ok=True)
 
 
-def save_flax_checkpoint(out_dir: str, params: Mapping[str, Callable[[], np.ndarray] | np.ndarray],
+def save_flax_checkpoint(out_dir: str, params: Mapping[str, LazyTensor | np.ndarray],
                          config_dir: str, components: Mapping[str, dict],
                          formats: Iterable[str] = ("safetensors",)) -> None:
     """Write a leffa_jax checkpoint folder. `params` maps '<component>.<flax path>' to arrays (or
-    thunks producing them, for streaming). `components`: name -> {"kind", "in_channels"}."""
+    LazyTensors, for streaming). `components`: name -> {"kind", "in_channels"}."""
     formats = set(formats)
     if not formats <= {"safetensors", "orbax"}:
         raise ValueError(f"unknown formats {formats - {'safetensors', 'orbax'}}")
@@ -429,7 +440,7 @@ def save_flax_checkpoint(out_dir: str, params: Mapping[str, Callable[[], np.ndar
     if "orbax" in formats:
         import orbax.checkpoint as ocp
 
-        tree = {k: (v() if callable(v) else v) for k, v in params.items()}
+        tree = {k: _materialise(v) for k, v in params.items()}
         tree = _stringify_keys(flat_to_nested(tree))
         target = os.path.abspath(os.path.join(out_dir, "orbax"))
         if os.path.exists(target):
@@ -484,11 +495,25 @@ def official_to_flax(checkpoint: str, config_dir: str, out_dir: str,
                      formats: Iterable[str] = ("safetensors",)) -> dict:
     """Official Leffa `.pth`/`.safetensors` + base config folder -> leffa_jax checkpoint."""
     source, mapping, in_ch = plan_official(checkpoint, config_dir)
-    params = {f"{comp}.{fp}": (lambda k=k: torch_to_flax_leaf(k, source[k])[1])
-              for comp, m in mapping.items() for fp, k in m.items()}
+    params = {f"{comp}.{fp}": _lazy_flax(source, k) for comp, m in mapping.items()
+              for fp, k in m.items()}
     comps = {c: {"kind": COMPONENTS[c], "in_channels": in_ch[c]} for c in mapping}
     save_flax_checkpoint(out_dir, params, config_dir, comps, formats)
     return comps
+
+
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+              "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+              "float64": np.float64}
+
+
+def _lazy_flax(source: TensorSource, key: str) -> LazyTensor:
+    _, shape = torch_shape_to_flax(key, source.shape(key))
+    dtype = _NP_DTYPES.get(source.dtype(key))
+    if dtype is None:
+        raise CheckpointError(f"{source.path}: tensor {key} has unsupported dtype "
+                              f"{source.dtype(key)}")
+    return LazyTensor(shape, dtype, lambda: torch_to_flax_leaf(key, source[key])[1])
 
 
 def diffusers_to_flax(folder: str, out_dir: str, formats: Iterable[str] = ("safetensors",)) -> dict:
@@ -507,7 +532,7 @@ def diffusers_to_flax(folder: str, out_dir: str, formats: Iterable[str] = ("safe
             got[fp], m[fp] = shape, k
         check_keys(got, want, f"{weights} with config {sub}/config.json")
         for fp, k in m.items():
-            params[f"{comp}.{fp}"] = (lambda k=k, s=source: torch_to_flax_leaf(k, s[k])[1])
+            params[f"{comp}.{fp}"] = _lazy_flax(source, k)
         comps[comp] = {"kind": comp, "in_channels": in_ch}
     save_flax_checkpoint(out_dir, params, folder, comps, formats)
     return comps
