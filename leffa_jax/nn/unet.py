@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leffa_jax.nn.attention import multihead_attention
+from leffa_jax.nn.attention import multihead_attention, split_heads
 from leffa_jax.nn.config import UNetConfig
 from leffa_jax.nn.layers import Conv2d, GroupNorm, Identity, LayerNorm, Linear, resize_nearest_torch
 
-# probe(layer_index, q, k_ref, (h, w)) -> pytree | None. q (B, N, heads*d) of the generated
-# tokens, k_ref (B, M, heads*d) of the reference tokens. Used by the Leffa loss to read attention.
+# probe(layer_index, q, k_ref, (h, w)) -> pytree | None, called in every generative self-attention
+# layer: q (B, heads, N, d) of the generated tokens, k_ref (B, heads, M, d) of the reference
+# tokens (unscaled projections). The Leffa loss reads attention through it (objectives.py).
 Probe = Callable[[int, jax.Array, jax.Array, tuple[int, int]], Any]
 
 
@@ -155,7 +156,8 @@ class BasicTransformerBlock(nnx.Module):
             kv = jnp.concatenate([n, ref], axis=1)
             k, v = attn.to_k(kv), attn.to_v(kv)
             if p.probe is not None:
-                out = p.probe(self.layer_index, q, k[:, n.shape[1]:], hw)
+                heads = lambda x: split_heads(x, attn.heads).transpose(0, 2, 1, 3)
+                out = p.probe(self.layer_index, heads(q), heads(k[:, n.shape[1]:]), hw)
                 if out is not None:
                     p.probes[self.layer_index] = out
             a = attn.to_out[0](multihead_attention(q, k, v, attn.heads, p.kernel))
