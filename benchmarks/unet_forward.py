@@ -38,8 +38,8 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--kernel", default="xla", help="attention kernel (xla|dot_product|cudnn)")
     args = ap.parse_args()
-    import torch
     import diffusers
+    import torch
 
     h, w = map(int, args.latent.split("x"))
     cfg = json.load(open(os.path.join(args.config, "unet", "config.json")))

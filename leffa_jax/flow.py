@@ -119,13 +119,19 @@ def flow_from_attention(attn: jax.Array, h: int, w: int) -> jax.Array:
     return f.reshape(b, int(h), int(w), 2)
 
 
-def default_chunk_size(batch: int, heads: int, n: int, m: int, budget_bytes: int = 16 << 20) -> int:
-    """Query-chunk size for `flow_from_qk`: largest power of two (>= 8, <= n rounded up) whose
-    (B, heads, chunk, M) float32 score block fits in `budget_bytes` (16 MiB by default)."""
+def default_chunk_size(
+    batch: int, heads: int, n: int, m: int, budget_bytes: int | None = None
+) -> int:
+    """Query-chunk size for `flow_from_qk`: the largest power of two (at least 32, at most the
+    next power of two >= n) whose (B, heads, chunk, M) float32 score block fits in
+    `budget_bytes`. Default budget: 4 MiB on CPU (cache-friendly; measured best on a 2-core CPU
+    at N=1024..4096), 128 MiB on accelerators (fewer, larger matmuls)."""
+    if budget_bytes is None:
+        budget_bytes = (4 << 20) if jax.default_backend() == "cpu" else (128 << 20)
     per_row = max(1, batch * heads * m * 4)
-    c = max(8, budget_bytes // per_row)
+    c = max(32, int(budget_bytes) // per_row)
     c = 1 << (int(c).bit_length() - 1)
-    cap = 1 << max(0, (int(n) - 1).bit_length())  # next power of two >= n
+    cap = 1 << max(0, (int(n) - 1).bit_length())
     return int(max(1, min(c, cap)))
 
 
@@ -151,9 +157,9 @@ def _fused_fwd_chunks(qs_chunks, k, coords):
         s = jnp.einsum("bhcd,bhmd->bhcm", qc, k)
         mx = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - mx)
-        l = jnp.sum(e, axis=-1, keepdims=True)
-        o = jnp.einsum("bhcm,mx->bhcx", e, coords, precision=_HI) / l
-        lse = (mx + jnp.log(l))[..., 0]
+        denom = jnp.sum(e, axis=-1, keepdims=True)
+        o = jnp.einsum("bhcm,mx->bhcx", e, coords, precision=_HI) / denom
+        lse = (mx + jnp.log(denom))[..., 0]
         return None, (o, lse)
 
     _, (o, lse) = lax.scan(body, None, qs_chunks)
@@ -220,8 +226,8 @@ def flow_from_qk(
     """Fused flow (B, h, w, 2) = mean_h softmax(q k_ref^T / (tau sqrt d)) @ coordinate_map(h, w).
 
     q (B, heads, N, d), k_ref (B, heads, M, d), N = M = h*w. Never materialises the (B, heads,
-    N, M) map: query chunks of `chunk_size` rows (default `default_chunk_size`, ~16 MiB score
-    block) are processed in a `lax.scan`; a `custom_vjp` stores only q, k, the per-head 2-column
+    N, M) map: query chunks of `chunk_size` rows (default `default_chunk_size`: a 4 MiB score
+    block on CPU, 128 MiB on accelerators) are processed in a `lax.scan`; a `custom_vjp` stores only q, k, the per-head 2-column
     outputs and the row log-sum-exp, and recomputes each chunk's probabilities in the backward
     pass (dS = P * (dO . C - dO . O_h) / heads). Float32 internally; gradients come back in the
     input dtypes.
@@ -412,7 +418,11 @@ def layer_loss(
         )
     if mask.ndim == 3:
         mask = mask[..., None]
-    if mask.ndim != 4 or mask.shape[:3] != warped.shape[:3] or mask.shape[3] not in (1, warped.shape[3]):
+    if (
+        mask.ndim != 4
+        or mask.shape[:3] != warped.shape[:3]
+        or mask.shape[3] not in (1, warped.shape[3])
+    ):
         raise ValueError(
             f"layer_loss: mask must be (B, H, W, 1) or (B, H, W) = {warped.shape[:3]}, got {mask.shape}"
         )
@@ -496,5 +506,7 @@ def layer_hw(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     while h * w > n_tokens and (h > 1 or w > 1):
         h, w = -(-h // 2), -(-w // 2)
     if h * w != n_tokens:
-        raise ValueError(f"layer_hw: {n_tokens} tokens is no downsampling of the latent {latent_hw}")
+        raise ValueError(
+            f"layer_hw: {n_tokens} tokens is no downsampling of the latent {latent_hw}"
+        )
     return h, w
