@@ -52,8 +52,22 @@ class _Pass:
     collect_features: bool
     kernel: str
     probe: Probe | None
+    remat: bool = False  # gradient checkpointing of resnets, attention cores and feed-forwards
     features: list = dataclasses.field(default_factory=list)
     probes: dict = dataclasses.field(default_factory=dict)
+
+
+def _call(module, p: _Pass, *args):
+    """module(*args), under gradient checkpointing when the pass asks for it."""
+    if p.remat:
+        return nnx.remat(lambda m, *a: m(*a))(module, *args)
+    return module(*args)
+
+
+def _attention(q, k, v, heads: int, p: _Pass):
+    if p.remat:
+        return jax.checkpoint(multihead_attention, static_argnums=(3, 4))(q, k, v, heads, p.kernel)
+    return multihead_attention(q, k, v, heads, p.kernel)
 
 
 def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = True,
@@ -160,16 +174,20 @@ class BasicTransformerBlock(nnx.Module):
                 out = p.probe(self.layer_index, heads(q), heads(k[:, n.shape[1]:]), hw)
                 if out is not None:
                     p.probes[self.layer_index] = out
-            a = attn.to_out[0](multihead_attention(q, k, v, attn.heads, p.kernel))
+            a = attn.to_out[0](_attention(q, k, v, attn.heads, p))
         else:
-            a = self.attn1(n, n, p.kernel)
+            attn1 = self.attn1
+            a = attn1.to_out[0](_attention(attn1.to_q(n), attn1.to_k(n), attn1.to_v(n),
+                                           attn1.heads, p))
         h = h + a
         n2 = self.norm2(h)
         if p.context is None:
             h = h + n2  # Leffa: cross-attention replaced by identity
         else:
-            h = h + self.attn2(n2, p.context.astype(n2.dtype), p.kernel)
-        return h + self.ff(self.norm3(h))
+            c = p.context.astype(n2.dtype)
+            a2 = self.attn2
+            h = h + a2.to_out[0](_attention(a2.to_q(n2), a2.to_k(c), a2.to_v(c), a2.heads, p))
+        return h + _call(self.ff, p, self.norm3(h))
 
 
 class Transformer2DModel(nnx.Module):
@@ -232,7 +250,7 @@ class DownBlock(nnx.Module):
     def __call__(self, x, temb, p: _Pass):
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = _call(resnet, p, x, temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, p)
             skips.append(x)
@@ -257,9 +275,9 @@ class MidBlock(nnx.Module):
         self.num_layers = t
 
     def __call__(self, x, temb, p: _Pass):
-        x = self.resnets[0](x, temb)
+        x = _call(self.resnets[0], p, x, temb)
         x = self.attentions[0](x, p)
-        return self.resnets[1](x, temb)
+        return _call(self.resnets[1], p, x, temb)
 
 
 class UpBlock(nnx.Module):
@@ -284,7 +302,7 @@ class UpBlock(nnx.Module):
 
     def __call__(self, x, skips, temb, p: _Pass, upsample_size=None):
         for j, resnet in enumerate(self.resnets):
-            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
+            x = _call(resnet, p, jnp.concatenate([x, skips.pop()], axis=-1), temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, p)
         if self.upsamplers is not None:
@@ -350,10 +368,10 @@ class UNet(nnx.Module):
                  context: jax.Array | None = None, *,
                  reference_features: Sequence[jax.Array] | None = None,
                  collect_features: bool = False, probe: Probe | None = None,
-                 attention_kernel: str = "xla") -> UNetOutput:
+                 attention_kernel: str = "xla", remat: bool = False) -> UNetOutput:
         """sample (B, H, W, in_channels) in the compute dtype; timesteps scalar or (B,);
         context (B, L, cross_attention_dim) or None; reference_features: one (B, N_i, C_i) per
-        transformer layer in call order (generative role)."""
+        transformer layer in call order (generative role); remat: gradient checkpointing."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"UNet input must be NHWC with {cfg.in_channels} channels, got shape "
@@ -365,7 +383,7 @@ class UNet(nnx.Module):
         t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(temb.astype(sample.dtype))
-        p = _Pass(context, reference_features, collect_features, attention_kernel, probe)
+        p = _Pass(context, reference_features, collect_features, attention_kernel, probe, remat)
 
         x = self.conv_in(sample)
         skips = [x]
