@@ -65,6 +65,31 @@ class LeffaModel(nnx.Module):
                                comps["unet_encoder"]["in_channels"])
 
     @classmethod
+    def from_sd_inpainting(cls, folder: str) -> LeffaModel:
+        """Training initialisation from a diffusers SD(XL)-inpainting folder (unet/, vae/,
+        scheduler/): both UNets start from its UNet; the reference UNet's conv_in keeps the 4
+        noisy-latent input channels, the generative UNet's conv_in gets 3 zero-initialised
+        densepose channels after the 9 inpainting ones (so at step 0 it computes SD-inpainting)."""
+        import numpy as np
+
+        flat = {}
+        for comp in ("unet", "vae"):
+            source = convert.TensorSource(convert.find_diffusers_weights(os.path.join(folder, comp)))
+            for k in source.keys():
+                fp, arr = convert.torch_to_flax_leaf(k, source[k])
+                flat[f"{comp}.{fp}"] = arr
+        kernel = flat["unet.conv_in.kernel"]  # (3, 3, 9, C)
+        if kernel.shape[2] != 9:
+            raise convert.CheckpointError(f"{folder}/unet: conv_in has {kernel.shape[2]} input "
+                                          "channels; an inpainting UNet has 9")
+        for k in [k for k in flat if k.startswith("unet.")]:
+            flat["unet_encoder." + k[5:]] = flat[k]
+        flat["unet_encoder.conv_in.kernel"] = np.ascontiguousarray(kernel[:, :, :4])
+        pad = np.zeros(kernel.shape[:2] + (GEN_IN_CHANNELS - 9, kernel.shape[3]), kernel.dtype)
+        flat["unet.conv_in.kernel"] = np.concatenate([kernel, pad], axis=2)
+        return cls.from_params(folder, flat)
+
+    @classmethod
     def from_params(cls, config_dir: str, flat: dict, gen_in_channels: int = GEN_IN_CHANNELS,
                     ref_in_channels: int = REF_IN_CHANNELS) -> LeffaModel:
         """Build from flat {'<component>.<flax path>': array} (strictly checked)."""

@@ -1,0 +1,1 @@
+"""TFDS builders writing the three datasets as ArrayRecord (see ``builders``)."""

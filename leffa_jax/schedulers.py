@@ -1,0 +1,558 @@
+"""Diffusion schedulers as pure functions of arrays (diffusers semantics, jit-able).
+
+A `Schedule` holds the training noise schedule (betas, alphas_cumprod: float32 arrays, a pytree)
+plus static configuration. Inference timesteps are host-side integer arrays (the number of steps
+is static); every step function takes the current (and previous) timestep or the step index as
+traced integers, so a whole sampling loop can be one `lax.scan`:
+
+    sched = make_schedule("scheduler_config.json")
+    ts, prev = ddpm_timesteps(sched, 30)          # leading + steps_offset: 958, 925, ..., 1
+    def body(x, xs):
+        t, pt, noise = xs
+        x, _ = ddpm_step(sched, model(x, t), x, t, pt, noise)
+        return x, None
+    x, _ = lax.scan(body, x_T, (ts, prev, noises))
+
+DPM-Solver++ 2M carries an explicit `DPMState` (previous data prediction and step index).
+
+Conventions follow diffusers 0.42 exactly: betas built in float64 and stored in float32 (diffusers
+builds them in float32 torch; differences are ~1 ulp), step arithmetic in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Schedule",
+    "DPMState",
+    "linear_betas",
+    "scaled_linear_betas",
+    "rescale_betas_zero_snr",
+    "make_schedule",
+    "set_timesteps",
+    "ddpm_timesteps",
+    "ddim_timesteps",
+    "dpm_timesteps",
+    "dpm_sigmas",
+    "ddpm_step",
+    "ddim_step",
+    "dpm_solver_init",
+    "dpm_solver_step",
+    "add_noise",
+    "get_velocity",
+    "predict_x0",
+]
+
+_F32 = jnp.float32
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_SPACINGS = ("leading", "trailing", "linspace")
+
+
+# --------------------------------------------------------------------------------------------
+# Betas
+# --------------------------------------------------------------------------------------------
+
+
+def linear_betas(beta_start: float, beta_end: float, num_train_timesteps: int) -> np.ndarray:
+    """(T,) float32 `linspace(beta_start, beta_end, T)` (diffusers "linear")."""
+    return np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64).astype(
+        np.float32
+    )
+
+
+def scaled_linear_betas(beta_start: float, beta_end: float, num_train_timesteps: int) -> np.ndarray:
+    """(T,) float32 `linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2` (diffusers
+    "scaled_linear", the latent-diffusion schedule)."""
+    b = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return b.astype(np.float32)
+
+
+def rescale_betas_zero_snr(betas):
+    """Rescale betas (T,) to zero terminal SNR (arXiv 2305.08891, Algorithm 1), as diffusers'
+    `rescale_zero_terminal_snr`: shift sqrt(alphas_cumprod) so its last value is 0, scale so the
+    first is unchanged; afterwards alphas_cumprod[-1] == 0 and betas[-1] == 1. Works on numpy
+    (computed in float64, returned float32) and jax arrays (jit-able)."""
+    xp = jnp if isinstance(betas, jax.Array) else np
+    dtype = betas.dtype
+    b = betas.astype(np.float64) if xp is np else betas
+    abar_sqrt = xp.sqrt(xp.cumprod(1.0 - b, axis=0))
+    a0, at = abar_sqrt[0], abar_sqrt[-1]
+    abar_sqrt = (abar_sqrt - at) * (a0 / (a0 - at))
+    abar = abar_sqrt**2
+    alphas = xp.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return (1.0 - alphas).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Training noise schedule (a pytree: arrays are leaves, the rest static).
+
+    betas, alphas_cumprod: (T,) float32. `final_alpha_cumprod` is DDIM's alpha at prev_t < 0
+    (1 if set_alpha_to_one else alphas_cumprod[0]); DDPM always uses 1.
+    """
+
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = False
+    rescale_betas_zero_snr: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+
+    @property
+    def alphas(self) -> jax.Array:
+        return 1.0 - self.betas
+
+    @property
+    def final_alpha_cumprod(self) -> jax.Array:
+        return jnp.asarray(1.0, _F32) if self.set_alpha_to_one else self.alphas_cumprod[0]
+
+
+jax.tree_util.register_dataclass(
+    Schedule,
+    data_fields=["betas", "alphas_cumprod"],
+    meta_fields=[
+        "num_train_timesteps",
+        "prediction_type",
+        "timestep_spacing",
+        "steps_offset",
+        "set_alpha_to_one",
+        "rescale_betas_zero_snr",
+        "clip_sample",
+        "clip_sample_range",
+    ],
+)
+
+
+def make_schedule(config: dict | str | os.PathLike | None = None, **overrides: Any) -> Schedule:
+    """Build a `Schedule` from a diffusers scheduler config (dict or path to
+    `scheduler_config.json`, or a folder holding one), keyword overrides taking precedence
+    (e.g. `rescale_betas_zero_snr=True` for the SDXL pose-transfer model, whose json omits it).
+
+    Reads: num_train_timesteps, beta_start, beta_end, beta_schedule ("linear" | "scaled_linear"),
+    trained_betas, prediction_type, timestep_spacing, steps_offset, set_alpha_to_one,
+    rescale_betas_zero_snr, clip_sample, clip_sample_range. Missing keys take the defaults of
+    diffusers' DDPMScheduler/DDIMScheduler (linear betas 1e-4..0.02, clip_sample True,
+    set_alpha_to_one True, "leading", offset 0); the Stable Diffusion configs set them.
+    """
+    cfg: dict[str, Any] = {}
+    if config is not None:
+        if isinstance(config, dict):
+            cfg = dict(config)
+        else:
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "scheduler_config.json")
+            with open(path) as f:
+                cfg = json.load(f)
+    cfg.update(overrides)
+    t = int(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("thresholding", False):
+        raise NotImplementedError("make_schedule: dynamic thresholding is not supported")
+    if cfg.get("trained_betas") is not None:
+        betas = np.asarray(cfg["trained_betas"], np.float32)
+        if betas.shape != (t,):
+            raise ValueError(
+                f"make_schedule: trained_betas must have shape ({t},), got {betas.shape}"
+            )
+    else:
+        kind = cfg.get("beta_schedule", "linear")
+        start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+        if kind == "linear":
+            betas = linear_betas(start, end, t)
+        elif kind == "scaled_linear":
+            betas = scaled_linear_betas(start, end, t)
+        else:
+            raise NotImplementedError(f"make_schedule: beta_schedule {kind!r} is not supported")
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    if zero_snr:
+        betas = rescale_betas_zero_snr(betas)
+    alphas_cumprod = np.cumprod(1.0 - betas.astype(np.float64)).astype(np.float32)
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred not in _PREDICTION_TYPES:
+        raise ValueError(
+            f"make_schedule: prediction_type must be one of {_PREDICTION_TYPES}, got {pred!r}"
+        )
+    spacing = cfg.get("timestep_spacing", "leading")
+    if spacing not in _SPACINGS:
+        raise ValueError(
+            f"make_schedule: timestep_spacing must be one of {_SPACINGS}, got {spacing!r}"
+        )
+    return Schedule(
+        betas=jnp.asarray(betas),
+        alphas_cumprod=jnp.asarray(alphas_cumprod),
+        num_train_timesteps=t,
+        prediction_type=pred,
+        timestep_spacing=spacing,
+        steps_offset=int(cfg.get("steps_offset", 0)),
+        set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)),
+        rescale_betas_zero_snr=zero_snr,
+        clip_sample=bool(cfg.get("clip_sample", True)),
+        clip_sample_range=float(cfg.get("clip_sample_range", 1.0)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Timesteps (host side, numpy int64)
+# --------------------------------------------------------------------------------------------
+
+
+def set_timesteps(
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> np.ndarray:
+    """(N,) int64 descending inference timesteps, as DDPMScheduler/DDIMScheduler.set_timesteps.
+
+    leading: arange(N) * (T // N) reversed, + steps_offset (T=1000, N=30, offset 1: 958 ... 1);
+    trailing: round(arange(T, 0, -T/N)) - 1; linspace: round(linspace(0, T-1, N)) reversed.
+    """
+    t, n = int(num_train_timesteps), int(num_inference_steps)
+    if not 1 <= n <= t:
+        raise ValueError(f"set_timesteps: num_inference_steps must be in [1, {t}], got {n}")
+    if spacing == "linspace":
+        ts = np.linspace(0, t - 1, n).round()[::-1].copy().astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (t // n)).round()[::-1].copy().astype(np.int64) + int(steps_offset)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(t, 0, -t / n)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"set_timesteps: spacing must be one of {_SPACINGS}, got {spacing!r}")
+    return ts
+
+
+def ddpm_timesteps(schedule: Schedule, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, prev_timesteps), both (N,) int64, for `ddpm_step`: prev is the next entry of
+    the schedule and -1 after the last (DDPMScheduler.previous_timestep); for "leading" spacing
+    this is t - T // N."""
+    ts = set_timesteps(
+        schedule.num_train_timesteps,
+        num_inference_steps,
+        schedule.timestep_spacing,
+        schedule.steps_offset,
+    )
+    return ts, np.concatenate([ts[1:], [-1]]).astype(np.int64)
+
+
+def ddim_timesteps(schedule: Schedule, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, prev_timesteps) for `ddim_step`: DDIMScheduler uses prev = t - T // N for
+    every spacing."""
+    ts = set_timesteps(
+        schedule.num_train_timesteps,
+        num_inference_steps,
+        schedule.timestep_spacing,
+        schedule.steps_offset,
+    )
+    return ts, ts - schedule.num_train_timesteps // int(num_inference_steps)
+
+
+def dpm_timesteps(
+    schedule: Schedule,
+    num_inference_steps: int,
+    spacing: str | None = None,
+    lambda_min_clipped: float = -math.inf,
+) -> np.ndarray:
+    """(N,) int64 timesteps of DPMSolverMultistepScheduler.set_timesteps (its own grids: N+1
+    points with the last dropped for "linspace"/"leading"; `spacing` defaults to the
+    schedule's; note diffusers' DPM default spacing is "linspace")."""
+    spacing = schedule.timestep_spacing if spacing is None else spacing
+    t, n = schedule.num_train_timesteps, int(num_inference_steps)
+    clipped_idx = 0
+    if lambda_min_clipped > -math.inf:
+        ac = np.asarray(schedule.alphas_cumprod, np.float32)
+        with np.errstate(divide="ignore"):
+            lam = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))
+        clipped_idx = int(np.searchsorted(lam[::-1], lambda_min_clipped))
+    last = t - clipped_idx
+    if spacing == "linspace":
+        ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    elif spacing == "leading":
+        ratio = last // (n + 1)
+        ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
+        ts += schedule.steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(last, 0, -t / n).round().copy().astype(np.int64) - 1
+    else:
+        raise ValueError(f"dpm_timesteps: spacing must be one of {_SPACINGS}, got {spacing!r}")
+    return ts
+
+
+def dpm_sigmas(schedule: Schedule, timesteps, final_sigmas_type: str = "zero") -> jax.Array:
+    """(N+1,) float32 sigmas sqrt((1 - a) / a) at the timesteps, then the final sigma (0 for
+    "zero", sigma at t=0 for "sigma_min"). With zero-terminal-SNR, alphas_cumprod[-1] is
+    replaced by 2**-24 as DPMSolverMultistepScheduler does."""
+    ac = np.array(schedule.alphas_cumprod, np.float32)
+    if schedule.rescale_betas_zero_snr:
+        ac[-1] = np.float32(2.0**-24)
+    sig = (((np.float32(1) - ac) / ac) ** np.float32(0.5)).astype(np.float32)
+    ts = np.asarray(timesteps)
+    s = np.interp(ts, np.arange(len(sig)), sig)
+    if final_sigmas_type == "zero":
+        last = 0.0
+    elif final_sigmas_type == "sigma_min":
+        last = float(((1 - ac[0]) / ac[0]) ** 0.5)
+    else:
+        raise ValueError(
+            f"dpm_sigmas: final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}"
+        )
+    return jnp.asarray(np.concatenate([s, [last]]).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+def _bcast(x: jax.Array, ndim: int) -> jax.Array:
+    """Scalar stays scalar; (B,) -> (B, 1, ..., 1) with `ndim` dims."""
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        return x
+    if x.ndim != 1:
+        raise ValueError(f"timestep must be a scalar or (B,), got shape {x.shape}")
+    return x.reshape(x.shape + (1,) * (ndim - 1))
+
+
+def _gather(table: jax.Array, t, ndim: int) -> jax.Array:
+    t = jnp.asarray(t, jnp.int32)
+    return _bcast(table[jnp.clip(t, 0, table.shape[0] - 1)], ndim)
+
+
+def predict_x0(schedule: Schedule, model_output, sample, t) -> jax.Array:
+    """x0 from the model output at timestep t (scalar or (B,)) per the schedule's
+    prediction_type, before any clipping."""
+    ap = _gather(schedule.alphas_cumprod, t, sample.ndim)
+    bp = 1 - ap
+    if schedule.prediction_type == "epsilon":
+        return (sample - bp**0.5 * model_output) / ap**0.5
+    if schedule.prediction_type == "v_prediction":
+        return ap**0.5 * sample - bp**0.5 * model_output
+    return model_output
+
+
+def _clip(schedule: Schedule, x0):
+    if schedule.clip_sample:
+        return jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+    return x0
+
+
+def ddpm_step(
+    schedule: Schedule, model_output, sample, t, prev_t, noise
+) -> tuple[jax.Array, jax.Array]:
+    """One ancestral DDPM step (DDPMScheduler.step, variance "fixed_small").
+
+    model_output, sample, noise: same shape (B, ...); t, prev_t: int scalars or (B,) (traced
+    ok), prev_t < 0 means alpha_prev = 1. Variance (1 - a_prev) / (1 - a_t) * beta_t clamped at
+    1e-20; noise is added wherever t > 0. Returns (prev_sample, pred_original_sample).
+    """
+    nd = sample.ndim
+    ap = _gather(schedule.alphas_cumprod, t, nd)
+    prev_t = jnp.asarray(prev_t, jnp.int32)
+    ap_prev = jnp.where(
+        _bcast(prev_t, nd) >= 0,
+        _gather(schedule.alphas_cumprod, prev_t, nd),
+        jnp.asarray(1.0, _F32),
+    )
+    bp = 1 - ap
+    bp_prev = 1 - ap_prev
+    cur_alpha = ap / ap_prev
+    cur_beta = 1 - cur_alpha
+    x0 = _clip(schedule, predict_x0(schedule, model_output, sample, t))
+    c0 = (ap_prev**0.5 * cur_beta) / bp
+    cs = cur_alpha**0.5 * bp_prev / bp
+    prev = c0 * x0 + cs * sample
+    var = jnp.maximum((1 - ap_prev) / (1 - ap) * cur_beta, 1e-20)
+    tpos = _bcast(jnp.asarray(t) > 0, nd)
+    prev = prev + jnp.where(tpos, var**0.5 * noise, jnp.zeros((), prev.dtype))
+    return prev.astype(sample.dtype), x0
+
+
+def ddim_step(
+    schedule: Schedule,
+    model_output,
+    sample,
+    t,
+    prev_t,
+    eta: float = 0.0,
+    noise=None,
+    use_clipped_model_output: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """One DDIM step (DDIMScheduler.step). prev_t from `ddim_timesteps` (t - T // N); prev_t < 0
+    uses `final_alpha_cumprod`. With eta > 0, `noise` (shape of sample) is required and
+    std = eta * sqrt(variance) is applied. Returns (prev_sample, pred_original_sample)."""
+    nd = sample.ndim
+    ap = _gather(schedule.alphas_cumprod, t, nd)
+    prev_t = jnp.asarray(prev_t, jnp.int32)
+    ap_prev = jnp.where(
+        _bcast(prev_t, nd) >= 0,
+        _gather(schedule.alphas_cumprod, prev_t, nd),
+        schedule.final_alpha_cumprod,
+    )
+    bp = 1 - ap
+    if schedule.prediction_type == "epsilon":
+        x0 = (sample - bp**0.5 * model_output) / ap**0.5
+        eps = model_output
+    elif schedule.prediction_type == "v_prediction":
+        x0 = ap**0.5 * sample - bp**0.5 * model_output
+        eps = ap**0.5 * model_output + bp**0.5 * sample
+    else:
+        x0 = model_output
+        eps = (sample - ap**0.5 * x0) / bp**0.5
+    x0 = _clip(schedule, x0)
+    bp_prev = 1 - ap_prev
+    variance = (bp_prev / bp) * (1 - ap / ap_prev)
+    std = eta * variance**0.5
+    if use_clipped_model_output:
+        eps = (sample - ap**0.5 * x0) / bp**0.5
+    direction = (1 - ap_prev - std**2) ** 0.5 * eps
+    prev = ap_prev**0.5 * x0 + direction
+    if not isinstance(eta, (int, float)) or eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step: noise (shape of sample) is required when eta > 0")
+        prev = prev + std * noise
+    return prev.astype(sample.dtype), x0
+
+
+class DPMState(NamedTuple):
+    """DPM-Solver++ multistep state: previous data prediction (shape of sample, float32) and
+    the current step index (int32 scalar)."""
+
+    prev_x0: jax.Array
+    step: jax.Array
+
+
+def dpm_solver_init(sample) -> DPMState:
+    """Initial `DPMState` for a sample of this shape."""
+    return DPMState(jnp.zeros(jnp.shape(sample), _F32), jnp.zeros((), jnp.int32))
+
+
+def _alpha_sigma(sigma):
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+def dpm_solver_step(
+    schedule: Schedule,
+    sigmas: jax.Array,
+    state: DPMState,
+    model_output,
+    sample,
+    noise=None,
+    *,
+    algorithm_type: str = "dpmsolver++",
+    solver_type: str = "midpoint",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    final_sigmas_type: str = "zero",
+) -> tuple[jax.Array, DPMState]:
+    """One DPM-Solver++ 2M step (DPMSolverMultistepScheduler.step, solver_order 2).
+
+    sigmas (N+1,) from `dpm_sigmas`; state.step is the index i of the current timestep (the
+    caller feeds the model timesteps[i]). First order at i == 0 and at the last step when
+    final_sigmas_type == "zero" / euler_at_final / (lower_order_final and N < 15); otherwise the
+    second-order multistep update with the previous data prediction. algorithm_type
+    "dpmsolver++" (deterministic) or "sde-dpmsolver++" (needs `noise`). Returns
+    (prev_sample, new_state); prev_sample has model_output's dtype.
+    """
+    if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+        raise ValueError(f"dpm_solver_step: algorithm_type {algorithm_type!r} is not supported")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(
+            f"dpm_solver_step: solver_type must be 'midpoint' or 'heun', got {solver_type!r}"
+        )
+    sde = algorithm_type == "sde-dpmsolver++"
+    if sde and noise is None:
+        raise ValueError("dpm_solver_step: noise is required for sde-dpmsolver++")
+    n = sigmas.shape[0] - 1
+    i = jnp.asarray(state.step, jnp.int32)
+    sample = sample.astype(_F32)
+    sig_t, sig_s0, sig_s1 = sigmas[i + 1], sigmas[i], sigmas[jnp.maximum(i - 1, 0)]
+    alpha_s0, sigma_s0 = _alpha_sigma(sig_s0)
+    alpha_t, sigma_t = _alpha_sigma(sig_t)
+    alpha_s1, sigma_s1 = _alpha_sigma(sig_s1)
+    # data prediction
+    if schedule.prediction_type == "epsilon":
+        x0 = (sample - sigma_s0 * model_output) / alpha_s0
+    elif schedule.prediction_type == "v_prediction":
+        x0 = alpha_s0 * sample - sigma_s0 * model_output
+    else:
+        x0 = model_output
+    x0 = x0.astype(_F32)
+    lam_t = jnp.log(alpha_t) - jnp.log(sigma_t)
+    lam_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
+    lam_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
+    h = lam_t - lam_s0
+    if sde:
+        noise = noise.astype(_F32)
+        first = (
+            (sigma_t / sigma_s0 * jnp.exp(-h)) * sample
+            + (alpha_t * (1 - jnp.exp(-2.0 * h))) * x0
+            + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * noise
+        )
+    else:
+        first = (sigma_t / sigma_s0) * sample - (alpha_t * (jnp.exp(-h) - 1.0)) * x0
+    h0 = lam_s0 - lam_s1
+    r0 = h0 / h
+    d0, d1 = x0, (1.0 / r0) * (x0 - state.prev_x0)
+    if sde:
+        base = (sigma_t / sigma_s0 * jnp.exp(-h)) * sample + (
+            alpha_t * (1 - jnp.exp(-2.0 * h))
+        ) * d0
+        if solver_type == "midpoint":
+            corr = 0.5 * (alpha_t * (1 - jnp.exp(-2.0 * h))) * d1
+        else:
+            corr = (alpha_t * ((1.0 - jnp.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
+        second = base + corr + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * noise
+    elif solver_type == "midpoint":
+        second = (
+            (sigma_t / sigma_s0) * sample
+            - (alpha_t * (jnp.exp(-h) - 1.0)) * d0
+            - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
+        )
+    else:
+        second = (
+            (sigma_t / sigma_s0) * sample
+            - (alpha_t * (jnp.exp(-h) - 1.0)) * d0
+            + (alpha_t * ((jnp.exp(-h) - 1.0) / h + 1.0)) * d1
+        )
+    final_first = euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero"
+    use_first = (i == 0) | ((i == n - 1) & final_first)
+    prev = jnp.where(use_first, first, second).astype(model_output.dtype)
+    return prev, DPMState(x0, i + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Training forward process
+# --------------------------------------------------------------------------------------------
+
+
+def add_noise(schedule: Schedule, x0, noise, t) -> jax.Array:
+    """Forward process q(x_t | x_0): sqrt(a_t) * x0 + sqrt(1 - a_t) * noise; t scalar or (B,)."""
+    ac = schedule.alphas_cumprod.astype(x0.dtype)
+    a = _gather(ac, t, x0.ndim)
+    return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def get_velocity(schedule: Schedule, sample, noise, t) -> jax.Array:
+    """v-prediction target: sqrt(a_t) * noise - sqrt(1 - a_t) * sample; t scalar or (B,)."""
+    ac = schedule.alphas_cumprod.astype(sample.dtype)
+    a = _gather(ac, t, sample.ndim)
+    return a**0.5 * noise - (1 - a) ** 0.5 * sample
