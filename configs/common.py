@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.leffa.layers = ()               # explicit layer indices (empty: by min_ratio)
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1})
-    c.sharding_rules = ()             # () -> sharding.DEFAULT_RULES
+    c.sharding_rules = ()             # ((regex, spec), ...); () -> sharding.DEFAULT_RULES
+    c.sharding_min_size = 2 ** 14     # smaller tensors stay replicated
     c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "use_async": True})
     c.log = ml_collections.ConfigDict({"every": 50, "image_every": 1000, "sample_steps": 20,
                                        "progress_bar": True, "print_every_log": False})

@@ -134,8 +134,9 @@ def leffa_schedule(model, zero_snr: bool | None = None) -> S.Schedule:
     return S.make_schedule(model.scheduler_config(), rescale_betas_zero_snr=bool(zero_snr))
 
 
-def inference_timesteps(schedule: S.Schedule, steps: int, scheduler: str = "ddpm"
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def inference_timesteps(
+    schedule: S.Schedule, steps: int, scheduler: str = "ddpm"
+) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, prev_timesteps) (steps,) int64 for the chosen scheduler; prev is unused by
     "dpmpp_2m" (it walks its sigma table by step index)."""
     if scheduler == "ddpm":
@@ -209,8 +210,9 @@ def _cast_state(state, compute_dtype, vae_dtype):
     return jax.tree_util.tree_map_with_path(cast, state)
 
 
-def encode_conditions(model, person, garment, mask, densepose, noise_masked, noise_ref,
-                      vae_dtype=_F32):
+def encode_conditions(
+    model, person, garment, mask, densepose, noise_masked, noise_ref, vae_dtype=_F32
+):
     """-> (cond (B,h,w,1+C+3) = [mask | masked-image latent | densepose] at latent size,
     ref_latent (B,h',w',C)), both float32 and scaled."""
     sf = model.scaling_factor
@@ -234,23 +236,35 @@ def encode_conditions(model, person, garment, mask, densepose, noise_masked, noi
     return jnp.concatenate([mask_lat, masked_lat, dp_lat], axis=-1), ref_lat
 
 
-def reference_features_cfg(model, ref_lat, t, compute_dtype=_F32, attention_kernel="xla",
-                           fuse=True):
+def reference_features_cfg(
+    model, ref_lat, t, compute_dtype=_F32, attention_kernel="xla", fuse=True
+):
     """Reference features for both branches: (uncond (1,N,C)..., cond (B,N,C)...); the
     unconditional branch is the all-zero reference latent (depends only on t)."""
     zero = jnp.zeros((1,) + ref_lat.shape[1:], compute_dtype)
     ref = ref_lat.astype(compute_dtype)
     if fuse:
-        feats = model.reference_features(jnp.concatenate([zero, ref]), t,
-                                         attention_kernel=attention_kernel)
+        feats = model.reference_features(
+            jnp.concatenate([zero, ref]), t, attention_kernel=attention_kernel
+        )
         return tuple(f[:1] for f in feats), tuple(f[1:] for f in feats)
     fu = model.reference_features(zero, t, attention_kernel=attention_kernel)
     fc = model.reference_features(ref, t, attention_kernel=attention_kernel)
     return fu, fc
 
 
-def guided_eps(model, latent, cond2, t, features2, guidance, phi, rescale: bool,
-               compute_dtype=_F32, attention_kernel="xla"):
+def guided_eps(
+    model,
+    latent,
+    cond2,
+    t,
+    features2,
+    guidance,
+    phi,
+    rescale: bool,
+    compute_dtype=_F32,
+    attention_kernel="xla",
+):
     """One CFG noise prediction: latent (B,h,w,C) float32, cond2 (2B,h,w,8) paired conditions,
     features2 paired reference features -> (guided eps, cond eps), float32 (B,h,w,C)."""
     b = latent.shape[0]
@@ -272,14 +286,35 @@ def _report(i) -> None:
         hook(int(i))
 
 
-def _sample_impl(graphdef, state, schedule, person, garment, mask, densepose, noise, timesteps,
-                 prev_timesteps, sigmas, guidance, phi, opts: _Options):
+def _sample_impl(
+    graphdef,
+    state,
+    schedule,
+    person,
+    garment,
+    mask,
+    densepose,
+    noise,
+    timesteps,
+    prev_timesteps,
+    sigmas,
+    guidance,
+    phi,
+    opts: _Options,
+):
     cd, vd = opts.compute_dtype, opts.vae_dtype
     model = nnx.merge(graphdef, _cast_state(state, cd, vd))
     kern = opts.attention_kernel
-    cond, ref_lat = encode_conditions(model, person, garment, mask, densepose,
-                                      noise["vae_sample_noise_masked"],
-                                      noise["vae_sample_noise_ref"], vd)
+    cond, ref_lat = encode_conditions(
+        model,
+        person,
+        garment,
+        mask,
+        densepose,
+        noise["vae_sample_noise_masked"],
+        noise["vae_sample_noise_ref"],
+        vd,
+    )
     cond2 = _pair(cond)
     n = timesteps.shape[0]
 
@@ -331,8 +366,14 @@ def noise_from_torch(noise: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def draw_noise(seed: int, batch: int, latent_hw: tuple[int, int], ref_hw: tuple[int, int],
-               channels: int, steps: int) -> dict[str, jax.Array]:
+def draw_noise(
+    seed: int,
+    batch: int,
+    latent_hw: tuple[int, int],
+    ref_hw: tuple[int, int],
+    channels: int,
+    steps: int,
+) -> dict[str, jax.Array]:
     """Every random draw of one sampling call from `jax.random` (NHWC, float32): independent
     streams per key, so a draw does not depend on the device layout."""
     k = jax.random.split(jax.random.key(seed), 4)
@@ -349,8 +390,10 @@ def draw_noise(seed: int, batch: int, latent_hw: tuple[int, int], ref_hw: tuple[
 def _check_noise(noise: Mapping[str, Any], want: dict[str, tuple[int, ...]]) -> dict:
     missing = [k for k in NOISE_KEYS if k not in noise]
     if missing:
-        raise ValueError(f"noise mapping lacks {missing}; give all of {list(NOISE_KEYS)} "
-                         "(the keys of the official fixture's pipeline.npz)")
+        raise ValueError(
+            f"noise mapping lacks {missing}; give all of {list(NOISE_KEYS)} "
+            "(the keys of the official fixture's pipeline.npz)"
+        )
     out = {}
     for k, shape in want.items():
         a = np.asarray(noise[k], np.float32)
@@ -375,8 +418,9 @@ def repaint_radius(height: int) -> int:
     return k + 1 if k % 2 == 0 else k
 
 
-def apply_repaint(person_uint8: np.ndarray, mask: np.ndarray, generated_uint8: np.ndarray
-            ) -> np.ndarray:
+def apply_repaint(
+    person_uint8: np.ndarray, mask: np.ndarray, generated_uint8: np.ndarray
+) -> np.ndarray:
     """Official repaint: blur the mask with PIL `GaussianBlur(repaint_radius(H))` and paste the
     generated pixels into the person: `person * (1 - m) + generated * m`, truncated to uint8.
     person/generated (B,H,W,3) uint8, mask (B,H,W[,1]) in {0,1} -> (B,H,W,3) uint8."""
@@ -420,21 +464,29 @@ def _validate(person, garment, mask, densepose, factor: int):
             raise ValueError(f"{name} has batch {a.shape[0]}, person has {b}")
     for name, a in (("mask", mask), ("densepose", densepose)):
         if a.shape[1:3] != (h, w):
-            raise ValueError(f"{name} is {a.shape[1]}x{a.shape[2]}, person is {h}x{w}: give "
-                             "them at the same size")
+            raise ValueError(
+                f"{name} is {a.shape[1]}x{a.shape[2]}, person is {h}x{w}: give "
+                "them at the same size"
+            )
     for name, a in (("person", person), ("garment", garment)):
         if a.shape[1] % factor or a.shape[2] % factor:
-            raise ValueError(f"{name} size {a.shape[1]}x{a.shape[2]} must be a multiple of "
-                             f"{factor} (the VAE downsampling factor)")
+            raise ValueError(
+                f"{name} size {a.shape[1]}x{a.shape[2]} must be a multiple of "
+                f"{factor} (the VAE downsampling factor)"
+            )
     for name, a in (("person", person), ("garment", garment), ("densepose", densepose)):
         lo, hi = float(a.min()), float(a.max())
         if lo < -1.001 or hi > 1.001:
-            raise ValueError(f"{name} values span [{lo:g}, {hi:g}]; images must be in [-1, 1] "
-                             "(uint8 x: x / 127.5 - 1)")
+            raise ValueError(
+                f"{name} values span [{lo:g}, {hi:g}]; images must be in [-1, 1] "
+                "(uint8 x: x / 127.5 - 1)"
+            )
     if not np.isin(mask, (0.0, 1.0)).all():
         bad = np.unique(mask[~np.isin(mask, (0.0, 1.0))])[:5]
-        raise ValueError(f"mask must hold only 0 and 1 (1 = region to generate); found values "
-                         f"such as {bad.tolist()}. Binarise it first, e.g. (mask >= 0.5)")
+        raise ValueError(
+            f"mask must hold only 0 and 1 (1 = region to generate); found values "
+            f"such as {bad.tolist()}. Binarise it first, e.g. (mask >= 0.5)"
+        )
     return person, garment, mask, densepose
 
 
@@ -454,13 +506,29 @@ def _batch_mesh(batch: int, shard: bool) -> Mesh | None:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def generate(model, person, garment, mask, densepose, *, steps: int = 30, guidance: float = 2.5,
-             guidance_rescale: float | None = None, ref_acceleration: bool = False,
-             repaint: bool = False, seed: int = 42, noise: Mapping[str, Any] | None = None,
-             dtype="float32", vae_dtype="float32", scheduler: str = "ddpm",
-             zero_snr: bool | None = None, return_latents: bool = False,
-             attention_kernel: str = "xla", shard: bool = True,
-             progress: Callable[[int], None] | None = None) -> GenerateOutput:
+def generate(
+    model,
+    person,
+    garment,
+    mask,
+    densepose,
+    *,
+    steps: int = 30,
+    guidance: float = 2.5,
+    guidance_rescale: float | None = None,
+    ref_acceleration: bool = False,
+    repaint: bool = False,
+    seed: int = 42,
+    noise: Mapping[str, Any] | None = None,
+    dtype="float32",
+    vae_dtype="float32",
+    scheduler: str = "ddpm",
+    zero_snr: bool | None = None,
+    return_latents: bool = False,
+    attention_kernel: str = "xla",
+    shard: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> GenerateOutput:
     """Sample Leffa results (try-on or pose transfer).
 
     person, garment: (B,H,W,3) in [-1, 1] (garment = reference image); mask: (B,H,W[,1]) in
@@ -491,33 +559,56 @@ def generate(model, person, garment, mask, densepose, *, steps: int = 30, guidan
     if noise is None:
         nz = draw_noise(seed, b, (lh, lw), (rh, rw), c, steps)
     else:
-        nz = _check_noise(noise, {
-            "vae_sample_noise_masked": (b, lh, lw, c),
-            "vae_sample_noise_ref": (b, rh, rw, c),
-            "init_noise": (b, lh, lw, c),
-            "step_noise": (steps, b, lh, lw, c),
-        })
+        nz = _check_noise(
+            noise,
+            {
+                "vae_sample_noise_masked": (b, lh, lw, c),
+                "vae_sample_noise_ref": (b, rh, rw, c),
+                "init_noise": (b, lh, lw, c),
+                "step_noise": (steps, b, lh, lw, c),
+            },
+        )
     phi = float(guidance) if guidance_rescale is None else float(guidance_rescale)
     mesh = _batch_mesh(b, shard)
-    opts = _Options(scheduler=scheduler, rescale=phi != 0.0, ref_acceleration=bool(ref_acceleration),
-                    return_latents=bool(return_latents), compute_dtype=_dtype(dtype),
-                    vae_dtype=_dtype(vae_dtype), attention_kernel=attention_kernel,
-                    fuse_uncond_ref=mesh is None, report_steps=progress is not None)
+    opts = _Options(
+        scheduler=scheduler,
+        rescale=phi != 0.0,
+        ref_acceleration=bool(ref_acceleration),
+        return_latents=bool(return_latents),
+        compute_dtype=_dtype(dtype),
+        vae_dtype=_dtype(vae_dtype),
+        attention_kernel=attention_kernel,
+        fuse_uncond_ref=mesh is None,
+        report_steps=progress is not None,
+    )
     graphdef, state = nnx.split(model)
     batch_args = [person, garment, mask, densepose, nz]
     if mesh is not None:
         data = NamedSharding(mesh, P("data"))
-        batch_args = [jax.device_put(a, data) for a in batch_args[:4]] + [{
-            k: jax.device_put(v, NamedSharding(mesh, P(None, "data")) if k == "step_noise" else data)
-            for k, v in nz.items()}]
+        batch_args = [jax.device_put(a, data) for a in batch_args[:4]] + [
+            {
+                k: jax.device_put(
+                    v, NamedSharding(mesh, P(None, "data")) if k == "step_noise" else data
+                )
+                for k, v in nz.items()
+            }
+        ]
         state = jax.device_put(state, NamedSharding(mesh, P()))
     if progress is not None:
         _PROGRESS.append(progress)
     try:
-        images, lat, decoded = _sample(graphdef, state, schedule, *batch_args,
-                                       jnp.asarray(ts, jnp.int32), jnp.asarray(prev, jnp.int32),
-                                       S.dpm_sigmas(schedule, ts) if scheduler == "dpmpp_2m" else None,
-                                       jnp.float32(guidance), jnp.float32(phi), opts=opts)
+        images, lat, decoded = _sample(
+            graphdef,
+            state,
+            schedule,
+            *batch_args,
+            jnp.asarray(ts, jnp.int32),
+            jnp.asarray(prev, jnp.int32),
+            S.dpm_sigmas(schedule, ts) if scheduler == "dpmpp_2m" else None,
+            jnp.float32(guidance),
+            jnp.float32(phi),
+            opts=opts,
+        )
         images, decoded = np.asarray(images), np.asarray(decoded)
         lat = None if lat is None else np.asarray(lat)
     finally:

@@ -94,16 +94,19 @@ def spec_for(path: str, shape: tuple[int, ...], rules: Sequence[Rule], mesh: Mes
     return P()
 
 
-def tree_specs(tree, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, prefix: str = ""):
+def tree_specs(tree, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, prefix: str = "",
+               min_shard_size: int = 2 ** 14):
     """A pytree of PartitionSpecs matching `tree` (arrays or ShapeDtypeStructs)."""
     def one(path, x):
         name = prefix + path_str(path)
-        return spec_for(name, tuple(np.shape(x)), rules, mesh)
+        return spec_for(name, tuple(np.shape(x)), rules, mesh, min_shard_size)
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def tree_shardings(tree, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, prefix: str = ""):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(tree, mesh, rules, prefix),
+def tree_shardings(tree, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, prefix: str = "",
+                   min_shard_size: int = 2 ** 14):
+    specs = tree_specs(tree, mesh, rules, prefix, min_shard_size)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                         is_leaf=lambda x: isinstance(x, P))
 
 

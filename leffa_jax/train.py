@@ -235,14 +235,13 @@ def init_state(params, tx, seed: int) -> TrainState:
                       ema=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(seed))
 
 
-def state_shardings(state_shape, mesh, rules=sharding.DEFAULT_RULES):
-    return sharding.tree_shardings(state_shape, mesh, rules)
-
-
-def compile_step(train_step, state, vae_params, batch, mesh, rules=sharding.DEFAULT_RULES):
+def compile_step(train_step, state, vae_params, batch, mesh, rules=sharding.DEFAULT_RULES,
+                 min_shard_size: int = 2 ** 14):
     """jit with explicit in/out shardings and the state donated. Returns (step_fn, shardings)."""
-    st_sh = state_shardings(jax.eval_shape(lambda: state), mesh, rules)
-    vae_sh = sharding.tree_shardings(jax.eval_shape(lambda: vae_params), mesh, rules)
+    st_sh = sharding.tree_shardings(jax.eval_shape(lambda: state), mesh, rules,
+                                    min_shard_size=min_shard_size)
+    vae_sh = sharding.tree_shardings(jax.eval_shape(lambda: vae_params), mesh, rules,
+                                     min_shard_size=min_shard_size)
     b_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
     step = jax.jit(train_step, in_shardings=(st_sh, vae_sh, b_sh),
                    out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -312,9 +311,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                                          use_async=config.checkpoint.use_async)
     first = _select_batch(next(iter(dataset)))
     example = data_pipeline.shard_batch(first, mesh)
+    rules = tuple(config.get("sharding_rules") or sharding.DEFAULT_RULES)
     step_fn, (st_sh, vae_sh, _) = compile_step(train_step, state, vae_params, example, mesh,
-                                               config.get("sharding_rules") or
-                                               sharding.DEFAULT_RULES)
+                                               rules, config.get("sharding_min_size", 2 ** 14))
     state = jax.device_put(state, st_sh)
     vae_params = jax.device_put(vae_params, vae_sh)
     restored = manager.restore_latest(state, data_iter)
@@ -326,6 +325,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     flops = observe.step_flops(step_fn, state, vae_params, example)
     logger = observe.Logger(workdir, config, flops=flops, start=start, total=total,
                             enabled=jax.process_index() == 0)
+    # Test hooks: SIGKILL this process after dispatching a step, or right after a save started.
+    kill_at = int(os.environ.get("LEFFA_TEST_KILL_AT_STEP", "0"))
+    kill_in_save = int(os.environ.get("LEFFA_TEST_KILL_IN_SAVE_AT_STEP", "0"))
     history = []
     pending = None  # (metrics future, batch indices) of the previous step: checked one step late
     step = start
@@ -336,6 +338,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
             batch = data_pipeline.shard_batch(_select_batch(host_batch), mesh)
             state, metrics = step_fn(state, vae_params, batch)
             step += 1
+            if step == kill_at:
+                _sigkill()
             if pending is not None:
                 history.append(_check(pending, callback))
                 logger.log(history[-1])
@@ -345,6 +349,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                 logger.log(history[-1])
                 pending = None
                 manager.save(step, state, data_iter)
+                if step == kill_in_save:
+                    _sigkill()
             if config.log.image_every and step % config.log.image_every == 0:
                 logger.images(step, model, state, vae_params, host_batch, config)
         if pending is not None:
@@ -357,6 +363,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
         export_model(model, state.ema if config.train.export_ema else state.params, vae_params,
                      os.path.join(workdir, "export"))
     return RunResult(step, history, workdir)
+
+
+def _sigkill() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _check(pending, callback) -> dict:

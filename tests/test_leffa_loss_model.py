@@ -65,7 +65,7 @@ def test_loss_gradients_fused_equal_materialised(setup):
     g1 = jax.grad(loss)(params, True)
     g2 = jax.grad(loss)(params, False)
     scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g2))
-    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)))
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True))
     assert scale > 0 and diff <= 1e-5 * max(1.0, scale)
 
 

@@ -125,7 +125,7 @@ def make_source(config: ml_collections.ConfigDict, split: str | None = None):
     if config.tfds_dir:
         import tensorflow_datasets as tfds
 
-        from leffa_jax.data.tfds import builders  # noqa: F401  (registers the builders)
+        from leffa_jax.data.tfds import builders
 
         tsplit = _tfds_split(kind, split, config.mode)
         if kind == "dresscode":
