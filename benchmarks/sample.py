@@ -19,7 +19,7 @@ encode + steps * (reference + step) + decode), divided by time and by the peak: 
 else a known value for the GPU, else (CPU) the measured throughput of a large float32 matmul.
 
 Each side runs in its own subprocess (memory is returned between them). Sizes are flags:
-    python benchmarks/sample.py                              # CPU: 128x96, 2 steps, fp32
+    python benchmarks/sample.py                              # CPU: 128x96, 1 step, fp32
     python benchmarks/sample.py --height 1024 --width 768 --steps 30   # GPU defaults anyway
 """
 
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="SD1.5-inpainting base config folder")
     ap.add_argument("--height", type=int, default=None, help="default 1024 on GPU, 128 on CPU")
     ap.add_argument("--width", type=int, default=None, help="default 768 on GPU, 96 on CPU")
-    ap.add_argument("--steps", type=int, default=None, help="default 30 on GPU, 2 on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="default 30 on GPU, 1 on CPU")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--reps", type=int, default=None, help="timed calls (default 3 GPU, 1 CPU)")
     ap.add_argument(
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     args.config = args.config or default_config()
     args.height = args.height or (1024 if gpu else 128)
     args.width = args.width or (768 if gpu else 96)
-    args.steps = args.steps or (30 if gpu else 2)
+    args.steps = args.steps or (30 if gpu else 1)
     args.reps = args.reps or (3 if gpu else 1)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.torch_dtype = args.torch_dtype or ("float16" if gpu else "float32")
