@@ -418,10 +418,22 @@ def module_to_flat(module) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- checkpoints
 
 def _copy_configs(config_dir: str, out_dir: str) -> None:
+    """Copy the base configs; the scheduler config gets an explicit `rescale_betas_zero_snr`
+    (the official code decides it from the base folder's NAME, which the copy loses)."""
+    from leffa_jax.schedulers import uses_zero_terminal_snr
+
     for sub in ("unet", "vae", "scheduler"):
         src = os.path.join(config_dir, sub)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(out_dir, "config", sub), dirs_exist_ok=True)
+    sched = os.path.join(out_dir, "config", "scheduler", "scheduler_config.json")
+    if os.path.exists(sched):
+        with open(sched) as f:
+            cfg = json.load(f)
+        if "rescale_betas_zero_snr" not in cfg:
+            cfg["rescale_betas_zero_snr"] = uses_zero_terminal_snr(config_dir)
+            with open(sched, "w") as f:
+                json.dump(cfg, f, indent=2)
 
 
 def save_flax_checkpoint(out_dir: str, params: Mapping[str, LazyTensor | np.ndarray],

@@ -33,7 +33,6 @@ NCHW arrays a PyTorch run records) is replayed, which reproduces that run exactl
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -75,7 +74,6 @@ DTYPES = {
     "fp16": jnp.float16,
 }
 _F32 = jnp.float32
-_SD15_BASE = "stable-diffusion-inpainting"
 
 
 class GenerateOutput(NamedTuple):
@@ -94,35 +92,7 @@ class GenerateOutput(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def uses_zero_terminal_snr(config_dir: str | os.PathLike) -> bool:
-    """Whether the official code would build a zero-terminal-SNR DDPM for this base config.
-
-    Official rule (`leffa/model.py`): `rescale_betas_zero_snr = base is not SD1.5`, decided by
-    "stable-diffusion-inpainting" in the base folder name. Here: an explicit
-    `rescale_betas_zero_snr` in the scheduler json wins; then the folder name
-    ("stable-diffusion-inpainting" -> False, "stable-diffusion-xl" -> True); otherwise (e.g. a
-    leffa_jax checkpoint folder, whose config folder is named "config") the architecture decides:
-    an SDXL UNet (`addition_embed_type == "text_time"`) -> True, else False.
-    """
-    import json
-
-    config_dir = os.fspath(config_dir)
-    sched = os.path.join(config_dir, "scheduler", "scheduler_config.json")
-    if os.path.exists(sched):
-        with open(sched) as f:
-            cfg = json.load(f)
-        if "rescale_betas_zero_snr" in cfg:
-            return bool(cfg["rescale_betas_zero_snr"])
-    name = os.path.basename(os.path.normpath(config_dir))
-    if _SD15_BASE in name:
-        return False
-    if "stable-diffusion-xl" in name:
-        return True
-    unet = os.path.join(config_dir, "unet", "config.json")
-    if os.path.exists(unet):
-        with open(unet) as f:
-            return json.load(f).get("addition_embed_type") == "text_time"
-    return False
+uses_zero_terminal_snr = S.uses_zero_terminal_snr
 
 
 def leffa_schedule(model, zero_snr: bool | None = None) -> S.Schedule:

@@ -556,3 +556,32 @@ def get_velocity(schedule: Schedule, sample, noise, t) -> jax.Array:
     ac = schedule.alphas_cumprod.astype(sample.dtype)
     a = _gather(ac, t, sample.ndim)
     return a**0.5 * noise - (1 - a) ** 0.5 * sample
+
+
+def uses_zero_terminal_snr(config_dir: str | os.PathLike) -> bool:
+    """Whether the official code would build a zero-terminal-SNR DDPM for this base config.
+
+    Official rule (`leffa/model.py`): `rescale_betas_zero_snr = base is not SD1.5`, decided by
+    "stable-diffusion-inpainting" in the base folder name. Here: an explicit
+    `rescale_betas_zero_snr` in the scheduler json wins; then the folder name
+    ("stable-diffusion-inpainting" -> False, "stable-diffusion-xl" -> True); otherwise (e.g. a
+    leffa_jax checkpoint folder, whose config folder is named "config") the architecture decides:
+    an SDXL UNet (`addition_embed_type == "text_time"`) -> True, else False.
+    """
+    config_dir = os.fspath(config_dir)
+    sched = os.path.join(config_dir, "scheduler", "scheduler_config.json")
+    if os.path.exists(sched):
+        with open(sched) as f:
+            cfg = json.load(f)
+        if "rescale_betas_zero_snr" in cfg:
+            return bool(cfg["rescale_betas_zero_snr"])
+    name = os.path.basename(os.path.normpath(config_dir))
+    if "stable-diffusion-inpainting" in name:
+        return False
+    if "stable-diffusion-xl" in name:
+        return True
+    unet = os.path.join(config_dir, "unet", "config.json")
+    if os.path.exists(unet):
+        with open(unet) as f:
+            return json.load(f).get("addition_embed_type") == "text_time"
+    return False

@@ -287,8 +287,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     mesh = sharding.make_mesh([config.mesh.data, config.mesh.fsdp])
     model = init_model(config)
     gds, params, (vae_gd, vae_params) = split_model(model)
-    schedule = schedulers.make_schedule(model.scheduler_config(),
-                                        **dict(config.model.get("scheduler_overrides", {})))
+    overrides = dict(config.model.get("scheduler_overrides", {}))
+    overrides.setdefault("rescale_betas_zero_snr",
+                         schedulers.uses_zero_terminal_snr(model.config_dir))
+    schedule = schedulers.make_schedule(model.scheduler_config(), **overrides)
     tx, lr_fn = make_optimizer(config)
     dcfg = config.data
     image_hw = (dcfg.height, dcfg.width)

@@ -39,6 +39,10 @@ def test_official_fixture_round_trip_bit_exact(tmp_path, name, fmt):
     counts = {c: sum(k.startswith(c + ".") for k in src.keys()) for c in convert.COMPONENTS}
     assert counts["vae"] > 0 and counts["unet"] == counts["unet_encoder"]
     _assert_bit_exact(src, dict(convert.flax_to_torch_state(str(tmp_path / "flax"))))
+    # the official zero-SNR rule (decided by the base folder's name) is written down explicitly
+    sched = json.loads((tmp_path / "flax" / "config" / "scheduler" / "scheduler_config.json")
+                       .read_text())
+    assert sched["rescale_betas_zero_snr"] is (name == "sdxl_tiny")
 
 
 def test_cli_both_ways_and_official_loader(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import threading
 from typing import Any
 
 import grain
@@ -47,9 +48,15 @@ def decode_image(data: bytes, path: str, mode: str = "RGB") -> np.ndarray:
     return out
 
 
+# np.load parses the .npy header with ast.literal_eval, which is not thread-safe in CPython 3.11
+# ("SystemError: AST constructor recursion depth mismatch" under Grain's reader threads).
+_NPY_LOCK = threading.Lock()
+
+
 def decode_npy(data: bytes, path: str) -> np.ndarray:
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        with _NPY_LOCK:
+            return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:
         raise common.DataError(f"corrupt .npy file: {path} ({e})") from e
 
