@@ -2,10 +2,12 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import shared_path
+from flax import nnx
 from torch_reference import (
     IdentityProcessor,
     diffusers,
@@ -121,6 +123,8 @@ def test_real_sd15_inpainting_unet_matches_diffusers():
                   encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy()
     fu = _flax_from_torch(tu, "unet", cfg_dir, 9)
     del tu
-    got = fu(jnp.asarray(nhwc(x)), jnp.asarray(t), jnp.asarray(ctx)).sample
+    graphdef, state = nnx.split(fu)
+    forward = jax.jit(lambda state, x, t, c: nnx.merge(graphdef, state)(x, t, c).sample)
+    got = forward(state, jnp.asarray(nhwc(x)), jnp.asarray(t), jnp.asarray(ctx))
     err = np.abs(nchw(got) - want).max()
     assert err <= 1e-3, f"SD1.5 UNet max abs error {err}"
