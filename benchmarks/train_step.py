@@ -33,8 +33,9 @@ GPU, else `--peak-tflops`, else on CPU a measured float32 2048^3 matmul), peak m
            step's working set and the runtime (imports, compiled code);
            GPU: JAX `memory_stats()['peak_bytes_in_use']`, torch `max_memory_allocated()`.
 
-JAX variants compile concurrently (`--jobs`; XLA compiles this graph in ~4 min on one CPU
-core), then every variant is timed alone, one after the other.
+JAX variants compile concurrently (`--jobs`; XLA:CPU takes 4 to 30 min of one core per variant
+for this graph, see BENCHMARKS.md; `--cache-dir` keeps the executables for the next run), then
+every variant is timed alone, one after the other.
 
     python benchmarks/train_step.py        # CPU: 128x96, channels x0.5, batch 1, 2 timed steps
     python benchmarks/train_step.py --sizes 512x384 1024x768      # the GPU defaults anyway
@@ -160,6 +161,9 @@ def jax_child(args) -> None:
     from leffa_jax import schedulers, sharding, train
     from leffa_jax.model import LeffaModel
 
+    if args.cache_dir:  # persistent compilation cache: a re-run loads instead of compiling
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     h, w = args.height, args.width
     b = args.batch
     c = base_config()
@@ -463,6 +467,8 @@ def _child_cmd(args, variant: str, h: int, w: int) -> list[str]:
            "--torch-dtype", args.torch_dtype, "--attention-kernel", args.attention_kernel]
     if args.remat:
         cmd.append("--remat")
+    if args.cache_dir:
+        cmd += ["--cache-dir", args.cache_dir]
     if args.compile_only:
         cmd.append("--compile-only")
     return cmd
@@ -606,6 +612,9 @@ def main(argv=None) -> int:
                     help="JAX variants compiled at once (default 3 GPU host, 2 CPU)")
     ap.add_argument("--compile-only", action="store_true",
                     help="JAX FLOPs and XLA memory plan only (no state allocated, no timing)")
+    ap.add_argument("--cache-dir", default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+                    help="JAX persistent compilation cache (default $JAX_COMPILATION_CACHE_DIR; "
+                         "none): a second run skips the compiles")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
