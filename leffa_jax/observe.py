@@ -29,6 +29,16 @@ def peak_flops_per_device() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
+def host_params(tree):
+    """Host (numpy) copy of a possibly sharded pytree. Collective under multi-host: every
+    process must call it (only process 0 then writes images)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
 class Logger:
     def __init__(self, workdir: str, config, *, flops: float | None, start: int, total: int,
                  enabled: bool = True):
@@ -82,29 +92,26 @@ class Logger:
             print(f"step {step}: " + ", ".join(f"{k.split('/')[-1]} {float(v):.4g}"
                                               for k, v in scalars.items()), flush=True)
 
-    def images(self, step: int, model, state, vae_params, host_batch, config) -> None:
-        """Sample with the EMA weights on the first pair of the batch and write a PNG grid."""
+    def images(self, step: int, model, ema: dict, vae_params, host_batch: dict, config) -> None:
+        """Sample with `ema` (host copies of the trainable params, see `host_params`) on the first
+        pair of `host_batch` and write a PNG grid (person | garment | mask | sample | flow | warped)
+        to workdir/images/step_NNNNNNN.png and to TensorBoard ("samples")."""
         if not self.enabled:
             return
         from flax import nnx
 
-        from leffa_jax import viz
+        from leffa_jax import pipeline, viz
         from leffa_jax.train import TRAINABLE
 
         for name in TRAINABLE:
-            nnx.update(getattr(model, name), jax.device_get(state.ema[name]))
-        nnx.update(model.vae, jax.device_get(vae_params))
+            nnx.update(getattr(model, name), ema[name])
+        nnx.update(model.vae, vae_params)
         b = {k: np.asarray(v[:1]) for k, v in host_batch.items()}
         row = [viz.to_uint8(b["person"][0]), viz.to_uint8(b["garment"][0]),
                np.repeat(np.round(b["mask"][0] * 255).astype(np.uint8), 3, -1)]
-        try:
-            from leffa_jax import pipeline
-
-            out = pipeline.generate(model, b["person"], b["garment"], b["mask"], b["densepose"],
-                                    steps=int(config.log.sample_steps), guidance=2.5, seed=0)
-            row.append(np.asarray(out.images[0]))
-        except ImportError:
-            pass
+        out = pipeline.generate(model, b["person"], b["garment"], b["mask"], b["densepose"],
+                                steps=int(config.log.sample_steps), guidance=2.5, seed=0)
+        row.append(np.asarray(out.images[0]))
         pics = viz.attention_pictures(model, b["person"][0], b["garment"][0], b["mask"][0],
                                       b["densepose"][0], t=300, layers=None, points=())
         flows = sorted(k for k in pics if k.startswith("flow_l"))
@@ -113,6 +120,7 @@ class Logger:
         os.makedirs(os.path.join(self.workdir, "images"), exist_ok=True)
         viz.save_png(os.path.join(self.workdir, "images", f"step_{step:07d}.png"), grid)
         self.writer.add_image("samples", grid, step, dataformats="HWC")
+        self.writer.flush()
 
     def close(self) -> None:
         if self.bar is not None:

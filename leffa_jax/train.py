@@ -354,7 +354,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
                 if step == kill_in_save:
                     _sigkill()
             if config.log.image_every and step % config.log.image_every == 0:
-                logger.images(step, model, state, vae_params, host_batch, config)
+                ema = observe.host_params(state.ema)  # every process: collective if multi-host
+                logger.images(step, model, ema, observe.host_params(vae_params), host_batch,
+                              config)
         if pending is not None:
             history.append(_check(pending, callback))
             logger.log(history[-1])

@@ -130,8 +130,10 @@ def attention_pictures(model, person, garment, mask, densepose, *, t: int = 300,
     feats = model.reference_features(ref, jnp.array([t]))
     _, flows = model.predict_noise(gen, jnp.array([t]), feats, return_probes=True,
                                    probe=flow_probe(layers, tau, fused=False))
-    _, maps = model.predict_noise(gen, jnp.array([t]), feats, return_probes=True,
-                                  probe=attention_map_probe(layers, 1.0))
+    maps = None
+    if points:
+        _, maps = model.predict_noise(gen, jnp.array([t]), feats, return_probes=True,
+                                      probe=attention_map_probe(layers, 1.0))
     hh, ww = person.shape[1:3]
     res = model.unet.layer_resolutions(latent.shape[1:3])
     ref_u8 = to_uint8(garment[0])
@@ -141,6 +143,8 @@ def attention_pictures(model, person, garment, mask, densepose, *, t: int = 300,
         grid_ = flow_lib.flow_to_image_size(flows[i], hh, ww)
         out[f"flow_l{i:02d}"] = flow_to_rgb(np.asarray(grid_[0]))
         out[f"warped_l{i:02d}"] = to_uint8(flow_lib.warp(garment, grid_)[0])
+        if not points:
+            continue
         h, w = res[i]
         tiles = []
         for (px, py) in points:

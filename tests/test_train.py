@@ -100,7 +100,7 @@ def test_non_finite_step_is_not_applied_and_named():
         train._check((m, np.arange(8, 16)), None)
 
 
-def _run(workdir, steps, cache_dir, env_extra=None):
+def _run(workdir, steps, cache_dir, env_extra=None, extra_args=()):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                **(env_extra or {}))
     args = [sys.executable, "-m", "leffa_jax.train", "--config",
@@ -109,7 +109,7 @@ def _run(workdir, steps, cache_dir, env_extra=None):
             "--config.data.height=32", "--config.data.width=24",
             "--config.data.synthetic.height=32", "--config.data.synthetic.width=24",
             "--config.data.synthetic.num_train=16", "--config.train.batch_size=8",
-            "--config.log.progress_bar=False"]
+            "--config.log.progress_bar=False", *extra_args]
     return subprocess.run(args, env=env, capture_output=True, text=True)
 
 
@@ -130,11 +130,15 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """Uninterrupted 6 steps vs: SIGKILL while the step-4 checkpoint is being written, restart,
     SIGKILL after dispatching step 5, restart to the end. Parameters, EMA, optimiser state, step
     and RNG at step 6 must be bit-identical. (Subprocesses share a persistent compilation cache,
-    so only the first one compiles.)"""
+    so only the first one compiles.) The uninterrupted run also writes the PNG grid at step 6:
+    sampling inside the loop must not touch the training state."""
     cache = tmp_path / "xla_cache"
     base = tmp_path / "uninterrupted"
-    r = _run(base, 6, cache)
+    r = _run(base, 6, cache, extra_args=("--config.log.image_every=6",
+                                         "--config.log.sample_steps=1"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (base / "images" / "step_0000006.png").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (base / "tb").iterdir())
 
     work = tmp_path / "killed"
     r = _run(work, 6, cache, {"LEFFA_TEST_KILL_IN_SAVE_AT_STEP": "4"})
