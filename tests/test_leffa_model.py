@@ -6,6 +6,7 @@ from conftest import shared_path
 from torch_reference import nchw, nhwc
 
 from leffa_jax.model import LeffaModel
+from leffa_jax.nn import layers
 
 FIXTURES = {"sd15_tiny": "stable-diffusion-inpainting-tiny",
             "sdxl_tiny": "stable-diffusion-xl-1.0-inpainting-0.1-tiny"}
@@ -20,8 +21,13 @@ def load(name, tmp_path=None, via_flax=False):
     return model, np.load(base / "unet_fwd.npz")
 
 
+@pytest.mark.parametrize("conv_path", ["default", "conv_general_dilated"])
 @pytest.mark.parametrize("name", sorted(FIXTURES))
-def test_official_forward(tmp_path, name):
+def test_official_forward(tmp_path, monkeypatch, name, conv_path):
+    """`default` on CPU runs the small convolutions as matmuls (nn/layers.py); the other path is
+    the one GPUs and TPUs take."""
+    if conv_path != "default":
+        monkeypatch.setattr(layers, "CPU_MATMUL_CONV_MAX_PIXELS", 0)
     model, d = load(name, tmp_path, via_flax=name == "sd15_tiny")
     feats = model.reference_features(nhwc(d["ref_latent"]), d["timestep"])
     n = len([k for k in d if k.startswith("ref_feat_")])

@@ -37,6 +37,26 @@ class Linear(nnx.Module):
         return y
 
 
+# XLA:CPU lowers small-image convolutions badly: a 3x3 conv on a 2x2x1280 map takes ~120 ms, 25x
+# the same work as one matmul (benchmarks/conv.py). On the CPU backend, convolutions whose output
+# has at most this many pixels run as patches @ kernel instead (same sum, other order; GPU and TPU
+# always use conv_general_dilated). 0 disables.
+CPU_MATMUL_CONV_MAX_PIXELS = 256
+
+
+def conv_as_matmul(x: jax.Array, k: jax.Array, stride: int, padding) -> jax.Array:
+    """conv_general_dilated(x, k, stride, padding) for NHWC x and HWIO k, as one matmul over the
+    (kh*kw*Cin) patches of x."""
+    kh, kw, ci, co = k.shape
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    oh = (xp.shape[1] - kh) // stride + 1
+    ow = (xp.shape[2] - kw) // stride + 1
+    cols = jnp.concatenate([xp[:, i:i + stride * (oh - 1) + 1:stride,
+                               j:j + stride * (ow - 1) + 1:stride]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.dot(cols, k.reshape(kh * kw * ci, co))
+
+
 class Conv2d(nnx.Module):
     """2-D convolution, NHWC input, HWIO kernel; `padding` is symmetric (PyTorch-style) or an
     explicit ((top, bottom), (left, right))."""
@@ -51,13 +71,22 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel[...].astype(x.dtype)
-        if k.shape[0] == 1 and k.shape[1] == 1 and self.stride == 1 and self.padding == ((0, 0), (0, 0)):
+        kh, kw = k.shape[:2]
+        if kh == 1 and kw == 1 and self.stride == 1 and self.padding == ((0, 0), (0, 0)):
             y = jnp.dot(x, k[0, 0])
+        elif self._small_on_cpu(x.shape[1:3], (kh, kw)):
+            y = conv_as_matmul(x, k, self.stride, self.padding)
         else:
             y = jax.lax.conv_general_dilated(
                 x, k, (self.stride, self.stride), self.padding,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + self.bias[...].astype(x.dtype)
+
+    def _small_on_cpu(self, hw, khw) -> bool:
+        (pt, pb), (pl, pr) = self.padding
+        oh = (hw[0] + pt + pb - khw[0]) // self.stride + 1
+        ow = (hw[1] + pl + pr - khw[1]) // self.stride + 1
+        return oh * ow <= CPU_MATMUL_CONV_MAX_PIXELS and jax.default_backend() == "cpu"
 
 
 class GroupNorm(nnx.Module):
