@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import time_fn  # noqa: E402
+from benchlib import time_fn  # noqa: E402
 
 # (h, w, channels): the SD1.5 UNet's levels at 16x12 and 32x24 latents (128x96 and 256x192
 # images), and VAE levels

@@ -32,6 +32,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import counted_flops, has_gpu, measured_matmul_tflops  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_TFLOPS = {
     "H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
@@ -98,9 +101,7 @@ def piece_flops(model, b: int, h: int, w: int, dtype: str, kernel: str) -> dict[
     cond2 = jax.ShapeDtypeStruct((2 * b, lh, lw, 8), jnp.float32)
 
     def cost(fn, *args):
-        c = jax.jit(fn).lower(st, *args).cost_analysis()  # HLO before optimisation, no compile
-        c = c[0] if isinstance(c, list) else c
-        return float(c.get("flops", 0.0))
+        return counted_flops(fn, st, *args) or 0.0
 
     cast = lambda s: pl._cast_state(s, cd, jnp.float32)
     enc = cost(
@@ -128,21 +129,6 @@ def piece_flops(model, b: int, h: int, w: int, dtype: str, kernel: str) -> dict[
     step_total = cost(step, lat, cond2, lat)
     dec = cost(lambda s, x: nnx.merge(gd, cast(s)).decode(x), lat)
     return {"encode": enc, "reference": ref, "generative_step": step_total - ref, "decode": dec}
-
-
-def measured_matmul_tflops() -> float:
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        f(a).block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
 def run_jax(args) -> dict:
@@ -400,7 +386,7 @@ def main(argv=None) -> int:
         res = run_jax(args) if args.side == "jax" else run_torch(args)
         print("RESULT " + json.dumps(res))
         return 0
-    gpu = _has_gpu()
+    gpu = has_gpu()
     args.config = args.config or default_config()
     args.height = args.height or (1024 if gpu else 128)
     args.width = args.width or (768 if gpu else 96)
@@ -451,14 +437,6 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
-
-
-def _has_gpu() -> bool:
-    try:
-        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-        return r.returncode == 0 and "GPU" in r.stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def table(res: dict) -> str:

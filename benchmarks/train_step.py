@@ -24,8 +24,9 @@ UNet's conv_out) get zero gradients on the torch side too, so AdamW/EMA touch th
 on both sides.
 
 Measures: s/step (median of the timed steps, after warm-up; the JAX compile is not timed),
-images/s, TFLOP/step from XLA's cost analysis of the compiled JAX step (the torch rows use the
-matching JAX count: same computation), MFU = FLOPs / time / peak (datasheet dense bf16 on a known
+images/s, TFLOP/step from XLA's cost analysis of the JAX step traced with the GPU/TPU
+convolution lowering (`benchlib.counted_flops`; the torch rows use the matching JAX count: same
+computation), MFU = FLOPs / time / peak (datasheet dense bf16 on a known
 GPU, else `--peak-tflops`, else on CPU a measured float32 2048^3 matmul), peak memory:
     xla  = compiled.memory_analysis(): arguments + outputs - aliased (donated) + temporaries;
     rss  = CPU: the subprocess's RSS high-water mark (reset with /proc/self/clear_refs after the
@@ -62,6 +63,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import counted_flops, has_gpu, measured_matmul_tflops  # noqa: E402
+
 DEFAULT_CONFIG = "/work/shared/configs/stable-diffusion-inpainting"
 VARIANTS = ("jax", "jax_leffa", "jax_leffa_mat", "torch", "torch_leffa")
 PEAK_TFLOPS = {  # dense datasheet values
@@ -198,7 +202,9 @@ def jax_child(args) -> None:
     del lowered
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    out["flops"] = float(cost.get("flops", 0.0)) if cost else None
+    out["flops_compiled"] = float(cost.get("flops", 0.0)) if cost else None
+    # for MFU: the same step traced with the GPU/TPU convolution lowering (benchmarks/benchlib.py)
+    out["flops"] = counted_flops(step, state_abs, vae_abs, batch_abs) or out["flops_compiled"]
     try:
         ma = compiled.memory_analysis()
         out["xla_bytes"] = {"argument": ma.argument_size_in_bytes,
@@ -437,29 +443,6 @@ def torch_child(args) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def _has_gpu() -> bool:
-    try:
-        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-        return r.returncode == 0 and "GPU" in r.stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def measured_matmul_tflops(n: int = 2048, reps: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e12
-
-
 def _child_cmd(args, variant: str, h: int, w: int) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--config",
            args.config, "--height", str(h), "--width", str(w), "--batch", str(args.batch),
@@ -626,7 +609,7 @@ def main(argv=None) -> int:
         (jax_child if args.child.startswith("jax") else torch_child)(args)
         return 0
 
-    gpu = _has_gpu()
+    gpu = has_gpu()
     args.sizes = args.sizes or (["512x384", "1024x768"] if gpu else ["128x96"])
     args.batch = args.batch or (4 if gpu else 1)
     args.channel_mult = args.channel_mult or (1.0 if gpu else 0.5)

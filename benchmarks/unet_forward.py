@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import device_peak_flops, machine, time_fn, xla_flops  # noqa: E402
+from benchlib import counted_flops, device_peak_flops, machine, time_fn  # noqa: E402
 
 from leffa_jax.convert import module_from_flat, torch_to_flax_leaf  # noqa: E402
 
@@ -61,13 +61,13 @@ def main():
     graphdef, state = nnx.split(fu)
     state = jax.tree.map(lambda a: a.astype(jdtype), state)
 
-    @jax.jit
-    def jax_fwd(state, x, t, ctx):
+    def forward(state, x, t, ctx):
         return nnx.merge(graphdef, state)(x.astype(jdtype), t, ctx.astype(jdtype),
                                           attention_kernel=args.kernel).sample
 
+    jax_fwd = jax.jit(forward)
     xj, tj, cj = jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)
-    flops = xla_flops(jax_fwd, state, xj, tj, cj)
+    flops = counted_flops(forward, state, xj, tj, cj)
     tj_s = time_fn(lambda: jax_fwd(state, xj, tj, cj), iters=args.iters)
 
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).to(dev, tdtype)

@@ -1,0 +1,99 @@
+"""Shared helpers for benchmark scripts: timing, FLOPs from XLA, peak FLOP/s per device."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import jax
+
+# Dense peak FLOP/s used for MFU (bf16 tensor cores / fp32 where noted).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5e": 197e12,
+              "TPU v4": 275e12, "TPU v5p": 459e12}
+
+
+def device_peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower().replace(" ", "") in kind.lower().replace(" ", ""):
+            return peak
+    return None
+
+
+def time_fn(fn, *, warmup: int = 1, iters: int = 5, sync=None) -> float:
+    """Median seconds per call; `sync(result)` blocks until the work is done."""
+    sync = sync or jax.block_until_ready
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def reference_conv_lowering():
+    """Trace convolutions as `conv_general_dilated` (the GPU/TPU lowering) even on CPU, where
+    leffa_jax.nn.layers.Conv2d otherwise runs small ones as patches @ kernel matmuls. FLOP counts
+    taken inside are the same on every backend: XLA counts only the taps that touch the input
+    (no zero padding), a little below PyTorch's counter (kernel area x output size) on small maps
+    and the same on large ones."""
+    from leffa_jax.nn import layers
+
+    old = layers.CPU_MATMUL_CONV_MAX_PIXELS
+    layers.CPU_MATMUL_CONV_MAX_PIXELS = 0
+    try:
+        yield
+    finally:
+        layers.CPU_MATMUL_CONV_MAX_PIXELS = old
+
+
+def counted_flops(fn, *args, **kwargs) -> float | None:
+    """FLOPs of one call of the plain (un-jitted) function `fn`, from XLA's cost analysis of its
+    HLO before optimisation, traced afresh under `reference_conv_lowering` (no compile). `args`
+    may be arrays or jax.ShapeDtypeStruct."""
+    try:
+        with reference_conv_lowering():
+            cost = jax.jit(lambda *a, **k: fn(*a, **k)).lower(*args, **kwargs).cost_analysis()
+        if isinstance(cost, list | tuple):
+            cost = cost[0]
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # cost analysis is best-effort on some backends
+        return None
+
+
+def has_gpu() -> bool:
+    """An NVIDIA GPU is visible (without initialising JAX in this process)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        return r.returncode == 0 and "GPU" in r.stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def measured_matmul_tflops(n: int = 2048, reps: int = 5) -> float:
+    """Best float32 n^3 matmul throughput of the default device, TFLOP/s: the MFU peak on CPU."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e12
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    d = jax.devices()[0]
+    return f"{d.platform}:{d.device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {platform.machine()}"
