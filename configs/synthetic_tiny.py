@@ -2,11 +2,11 @@
 
     python -m leffa_jax.train --config configs/synthetic_tiny.py --workdir /tmp/leffa_tiny
 
-Hardware: 2 CPU cores. Expect about 3-4 minutes (300 steps, batch 8, 32x24 images); the epsilon
+Hardware: 2 CPU cores. Expect about 2 minutes (300 steps, batch 8, 32x24 images); the epsilon
 loss falls from ~1.4 to ~0.04. `python -m leffa_jax.demo` runs this twice (with and without the
 Leffa loss) and prints the flow endpoint error of the learned attention against the synthetic
-ground truth on unseen pairs. Measured (2026-11-21, 2-core CPU): best layer 2.9 px with the loss
-vs 5.8 px without (mean over layers 5.0 vs 6.0; identity flow 4.6; untrained 6.0).
+ground truth on unseen pairs. Measured (2026-11-21, 2-core CPU, 114 s per run): best layer 1.5 px
+with the loss vs 5.8 px without (mean over layers 4.6 vs 6.0; identity flow 4.6; untrained 6.0).
 The Leffa weight is far above the paper's 1e-3 (lam 10, every timestep, every layer) so that its
 effect shows within 300 steps from a random initialisation; the paper's values are in
 configs/tryon_1024_leffa.py.
