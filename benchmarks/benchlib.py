@@ -8,17 +8,12 @@ import time
 
 import jax
 
-# Dense peak FLOP/s used for MFU (bf16 tensor cores / fp32 where noted).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5e": 197e12,
-              "TPU v4": 275e12, "TPU v5p": 459e12}
-
 
 def device_peak_flops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower().replace(" ", "") in kind.lower().replace(" ", ""):
-            return peak
-    return None
+    """Dense peak FLOP/s of one device for MFU (the trainer's table, leffa_jax.observe)."""
+    from leffa_jax.observe import peak_flops_per_device
+
+    return peak_flops_per_device()
 
 
 def time_fn(fn, *, warmup: int = 1, iters: int = 5, sync=None) -> float:

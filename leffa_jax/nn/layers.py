@@ -37,7 +37,7 @@ class Linear(nnx.Module):
         return y
 
 
-# XLA:CPU lowers small-image convolutions badly: a 3x3 conv on a 2x2x1280 map takes ~120 ms, 25x
+# XLA:CPU lowers small-image convolutions badly: a 3x3 conv on a 2x2x1280 map takes ~120 ms, 30x
 # the same work as one matmul (benchmarks/conv.py). On the CPU backend, convolutions whose output
 # has at most this many pixels run as patches @ kernel instead (same sum, other order; GPU and TPU
 # always use conv_general_dilated). 0 disables.
