@@ -30,8 +30,8 @@ def test_conv2d_matches_torch(monkeypatch, path, kernel, stride, padding, hw):
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)
     (pt, pb), (pl, pr) = conv.padding
     xt = torch.nn.functional.pad(xt, (pl, pr, pt, pb))
-    wt = torch.from_numpy(np.asarray(conv.kernel[...])).permute(3, 2, 0, 1)
-    want = torch.nn.functional.conv2d(xt, wt, torch.from_numpy(np.asarray(conv.bias[...])),
+    wt = torch.from_numpy(np.array(conv.kernel[...])).permute(3, 2, 0, 1)
+    want = torch.nn.functional.conv2d(xt, wt, torch.from_numpy(np.array(conv.bias[...])),
                                       stride=stride).permute(0, 2, 3, 1).numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
