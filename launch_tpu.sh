@@ -42,12 +42,12 @@ Code:
   --skip-install            do not copy/install; just (re)start training
 
 Training:
-  --config FILE             trainer config, e.g. configs/tryon_512.py (required to train)
+  --config FILE             trainer config, e.g. leffa_jax/configs/tryon_512.py (required to train)
   --workdir DIR             checkpoints/logs: gs://bucket/run or a path on each worker (required)
   --extra "FLAGS"           passed through to the trainer, split on whitespace, e.g.
-                            "--config.batch_size=512 --config.num_steps=100000"
+                            "--config.train.batch_size=512 --config.train.steps=100000"
   -- FLAGS...               trainer flags after `--` are passed word for word (use this for
-                            values with spaces: -- --config.name='run 1')
+                            values with spaces: -- --config.data.root='/data/viton hd')
   --env KEY=VALUE           extra environment for the trainer (repeatable)
 
 Actions (instead of create/install/train):

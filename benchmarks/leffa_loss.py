@@ -164,6 +164,7 @@ def main():
         action="store_true",
         help="only compile and report XLA's planned memory (no run, no timing, no RSS)",
     )
+    ap.add_argument("--json", help="also write every row here (JSON list)")
     ap.add_argument("--child", choices=["fused", "materialised"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -179,6 +180,7 @@ def main():
         f"{'rss MiB':>8} {'time x':>7} {'xla x':>7} {'rss x':>7}"
     )
     print(hdr)
+    all_rows = []
     for n in a.n:
         h, w = _hw(n)
         co = a.compile_only
@@ -187,6 +189,7 @@ def main():
         )
         rows = [mat] if mat else []
         rows += [_sub("fused", n, c, a.reps, a.heads, a.d, co) for c in a.chunk]
+        all_rows += [{**r, "n": n} for r in rows]
         for r in rows:
             tr = xr = rr = ""
             if mat and r is not mat:
@@ -211,6 +214,9 @@ def main():
                     f"fused and materialised losses differ: {r['loss']} vs {mat['loss']}"
                 )
     print(f"device: {rows[0]['device']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(all_rows, f, indent=1)
 
 
 if __name__ == "__main__":

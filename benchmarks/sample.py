@@ -103,7 +103,7 @@ def piece_flops(model, b: int, h: int, w: int, dtype: str, kernel: str) -> dict[
     def cost(fn, *args):
         return counted_flops(fn, st, *args) or 0.0
 
-    cast = lambda s: pl._cast_state(s, cd, jnp.float32)
+    cast = lambda s: pl.cast_params(s, cd, jnp.float32)
     enc = cost(
         lambda s, p, g, m, d, n1, n2: pl.encode_conditions(
             nnx.merge(gd, cast(s)), p, g, m, d, n1, n2
@@ -116,15 +116,14 @@ def piece_flops(model, b: int, h: int, w: int, dtype: str, kernel: str) -> dict[
         lat,
     )
     ref = cost(
-        lambda s, r: pl.reference_features_cfg(nnx.merge(gd, cast(s)), r, 500, cd, kernel), lat
+        lambda s, r: pl.reference_features_both(nnx.merge(gd, cast(s)), r, 500, cd, kernel), lat
     )
 
     def step(s, x, c2, r):
-        mdl = nnx.merge(gd, cast(s))
-        fu, fc = pl.reference_features_cfg(mdl, r, 500, cd, kernel)
-        return pl.guided_eps(
-            mdl, x, c2, 500, pl._pair_features(fu, fc), 2.5, 2.5, True, cd, kernel
-        )[0]
+        eps_fn = pl.leffa_eps_fn(
+            nnx.merge(gd, cast(s)), r, 2.5, 2.5, compute_dtype=cd, attention_kernel=kernel
+        )
+        return eps_fn(x, 500, c2)
 
     step_total = cost(step, lat, cond2, lat)
     dec = cost(lambda s, x: nnx.merge(gd, cast(s)).decode(x), lat)

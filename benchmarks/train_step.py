@@ -1,4 +1,5 @@
-"""Training-step speed: `leffa_jax.train.make_train_step` vs a PyTorch step doing the same work.
+"""Training-step speed: the generic training step on Leffa's Task vs a PyTorch step doing the same
+work (`leffa_jax.training.step.make_train_step` + `leffa_jax.systems.leffa.LeffaTask.loss`).
 
 One optimizer step of the full Leffa model (SD1.5-inpainting topology: reference UNet with 4
 input channels, generative UNet with 12, frozen VAE; random weights), batch B:
@@ -10,7 +11,8 @@ input channels, generative UNet with 12, frozen VAE; random weights), batch B:
     global-norm clip 1.0, AdamW, EMA (and the non-finite guard).
 
 Variants (each in its own subprocess):
-    jax              the real `make_train_step`, jitted via `compile_step`, no Leffa loss
+    jax              the real training step (`make_train_step` over `LeffaTask.loss`), jitted via
+                     `compile_step`, no Leffa loss
     jax_leffa        + Leffa loss, fused flow (`flow_from_qk`, never materialises N x N)
     jax_leffa_mat    + Leffa loss, materialised attention map then @ coordinates
     torch            diffusers UNet2DConditionModel x2 + AutoencoderKL, attention processors
@@ -159,11 +161,12 @@ def jax_child(args) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    from common import base_config
-
-    from leffa_jax import schedulers, sharding, train
+    from leffa_jax import sharding
+    from leffa_jax.configs.common import base_config
     from leffa_jax.model import LeffaModel
+    from leffa_jax.systems.leffa import LeffaTask
+    from leffa_jax.training.state import init_state, make_optimizer
+    from leffa_jax.training.step import compile_step, make_train_step
 
     if args.cache_dir:  # persistent compilation cache: a re-run loads instead of compiling
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
@@ -184,18 +187,18 @@ def jax_child(args) -> None:
            "attention_kernel": args.attention_kernel}
 
     t0 = time.perf_counter()
+    task = LeffaTask(c)  # noise schedule: schedulers.schedule_for_model (zero-SNR rule inside)
     abstract = nnx.eval_shape(lambda: LeffaModel(args.config, rngs=nnx.Rngs(0)))
-    gds, params_abs, (vae_gd, vae_abs) = train.split_model(abstract)
-    schedule = schedulers.make_schedule(
-        abstract.scheduler_config(),
-        rescale_betas_zero_snr=schedulers.uses_zero_terminal_snr(args.config))
-    tx, lr_fn = train.make_optimizer(c)
-    step = train.make_train_step(gds, vae_gd, schedule, tx, lr_fn, c, (h, w))
-    state_abs = jax.eval_shape(lambda p: train.init_state(p, tx, 0), params_abs)
-    batch_abs = {k: jax.ShapeDtypeStruct((b, h, w, ch), jnp.float32) for k, ch in BATCH_CHANNELS}
+    params_abs, frozen_abs = task.prepare(abstract)
+    tx, lr_fn = make_optimizer(c.train)
+    step = make_train_step(task.loss, tx, lr_fn, grad_accum=c.train.grad_accum,
+                           ema_decay=c.train.ema_decay, ema_warmup=c.train.ema_warmup)
+    state_abs = jax.eval_shape(lambda p: init_state(p, tx, 0), params_abs)
+    batch_abs = {k: jax.ShapeDtypeStruct((b, *shape), jnp.float32)
+                 for k, shape in task.batch_shapes().items()}
     mesh = sharding.make_mesh([1, -1])
-    fn, (st_sh, vae_sh, b_sh) = train.compile_step(step, state_abs, vae_abs, batch_abs, mesh)
-    lowered = fn.lower(state_abs, vae_abs, batch_abs)
+    fn, (st_sh, frozen_sh, b_sh) = compile_step(step, state_abs, frozen_abs, batch_abs, mesh)
+    lowered = fn.lower(state_abs, frozen_abs, batch_abs)
     out["lower_s"] = time.perf_counter() - t0
     compiled = lowered.compile()
     out["compile_s"] = time.perf_counter() - t0
@@ -204,7 +207,7 @@ def jax_child(args) -> None:
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     out["flops_compiled"] = float(cost.get("flops", 0.0)) if cost else None
     # for MFU: the same step traced with the GPU/TPU convolution lowering (benchmarks/benchlib.py)
-    out["flops"] = counted_flops(step, state_abs, vae_abs, batch_abs) or out["flops_compiled"]
+    out["flops"] = counted_flops(step, state_abs, frozen_abs, batch_abs) or out["flops_compiled"]
     try:
         ma = compiled.memory_analysis()
         out["xla_bytes"] = {"argument": ma.argument_size_in_bytes,
@@ -225,17 +228,17 @@ def jax_child(args) -> None:
     # ---- timed phase (alone on the machine)
     rss_ok = rss_reset()
     model = LeffaModel(args.config, rngs=nnx.Rngs(0))
-    _, params, (_, vae_params) = train.split_model(model)
+    params, frozen = task.prepare(model)
     del model
-    state = jax.device_put(train.init_state(params, tx, 0), st_sh)
-    vae_params = jax.device_put(vae_params, vae_sh)
+    state = jax.device_put(init_state(params, tx, 0), st_sh)
+    frozen = jax.device_put(frozen, frozen_sh)
     del params
     batch = jax.device_put(random_batch(b, h, w), b_sh)
-    jax.block_until_ready((state, vae_params, batch))
+    jax.block_until_ready((state, frozen, batch))
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
-        state, m = compiled(state, vae_params, batch)
+        state, m = compiled(state, frozen, batch)
         jax.block_until_ready((state, m))
         dt = time.perf_counter() - t
         losses.append({k: float(m[k]) for k in ("loss", "mse", "leffa", "grad_norm")})

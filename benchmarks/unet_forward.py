@@ -23,7 +23,8 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(__file__))
 from benchlib import counted_flops, device_peak_flops, machine, time_fn  # noqa: E402
 
-from leffa_jax.convert import module_from_flat, torch_to_flax_leaf  # noqa: E402
+from leffa_jax.weights.leaf_rules import torch_to_flax_leaf  # noqa: E402
+from leffa_jax.weights.modules import module_from_flat  # noqa: E402
 
 CFG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "configs",
                    "stable-diffusion-inpainting")
@@ -37,6 +38,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--kernel", default="xla", help="attention kernel (xla|dot_product|cudnn)")
+    ap.add_argument("--json", help="also write the figures here (JSON)")
     args = ap.parse_args()
     import diffusers
     import torch
@@ -89,11 +91,17 @@ def main():
     print(f"  PyTorch    : {tt_s * 1e3:9.1f} ms/call")
     print(f"  ratio      : {tt_s / tj_s:9.2f}x (PyTorch time / JAX time)")
     print(f"  max |JAX - PyTorch| = {err:.2e}")
+    peak = device_peak_flops()
+    mfu = flops / tj_s / peak if flops and peak else None
     if flops:
         print(f"  XLA FLOPs  : {flops / 1e12:.3f} TFLOP/call -> {flops / tj_s / 1e12:.2f} TFLOP/s")
-        peak = device_peak_flops()
-        if peak:
-            print(f"  MFU        : {100 * flops / tj_s / peak:.1f} % of {peak / 1e12:.0f} TFLOP/s")
+        if mfu is not None:
+            print(f"  MFU        : {100 * mfu:.1f} % of {peak / 1e12:.0f} TFLOP/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "latent": [h, w], "batch": args.batch,
+                       "dtype": args.dtype, "kernel": args.kernel, "jax_s": tj_s,
+                       "torch_s": tt_s, "flops": flops, "mfu": mfu, "max_abs_diff": err}, f)
 
 
 if __name__ == "__main__":

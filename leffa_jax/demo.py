@@ -4,8 +4,8 @@
 
 1. generates the synthetic VITON-HD-layout set (garments are known smooth warps, so the true
    correspondence `flow_gt` is known);
-2. trains the tiny Leffa model (`configs/synthetic_tiny.py`) twice from the same initialisation
-   and data: with the Leffa loss and without it (the ablation);
+2. trains the tiny Leffa model (`leffa_jax/configs/synthetic_tiny.py`) twice from the same
+   initialisation and data: with the Leffa loss and without it (the ablation);
 3. prints the flow endpoint error (pixels) of each model's attention against `flow_gt` on the
    unseen test pairs, with the untrained model and the identity flow as baselines;
 4. samples the unseen test pairs with `python -m leffa_jax.sample` from the trained checkpoint
@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
 
 def load_config():
-    sys.path.insert(0, CONFIGS)
-    import synthetic_tiny
+    from leffa_jax.configs import synthetic_tiny
 
     return synthetic_tiny.get_config()
 
@@ -59,6 +55,7 @@ def main(argv=None) -> int:
 
     from leffa_jax import evaluate, train
     from leffa_jax.model import LeffaModel
+    from leffa_jax.systems import make_task
 
     t0 = time.time()
     base = load_config()
@@ -69,7 +66,7 @@ def main(argv=None) -> int:
           f"({base.data.synthetic.num_train} train / {base.data.synthetic.num_test} test pairs, "
           f"{base.data.height}x{base.data.width})")
     evals = test_batches(base)
-    untrained = train.init_model(base)
+    untrained = make_task(base).init_model()
     results = {"untrained": evaluate.flow_epe(untrained, evals)}
     for name, leffa in (("with Leffa loss", True), ("without (ablation)", False)):
         c = base.copy_and_resolve_references()

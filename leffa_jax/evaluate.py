@@ -16,6 +16,7 @@ import numpy as np
 
 from leffa_jax import flow as flow_lib
 from leffa_jax import schedulers
+from leffa_jax.model import generative_input, inpainting_conditions
 from leffa_jax.objectives import flow_probe
 
 
@@ -28,25 +29,32 @@ def endpoint_error(flow: np.ndarray, flow_gt: np.ndarray, valid: np.ndarray) -> 
     return np.array([e[i][v[i]].mean() if v[i].any() else np.nan for i in range(len(e))])
 
 
+def probe_inputs(model, person, garment, mask, densepose, *, t: int, seed: int = 0):
+    """The generative UNet's inputs for looking at its attention at one timestep: the person's
+    latent (posterior mean) noised to t with the model's schedule (`schedule_for_model`), the
+    inpainting conditions, and the garment's reference features at t.
+    Images (B,H,W,C) -> (gen_input (B,h,w,12), reference features, t (B,))."""
+    sf = model.scaling_factor
+    t_batch = jnp.full((person.shape[0],), t)
+    latent = model.encode(person).mean * sf
+    masked_latent = model.encode(person * (mask < 0.5)).mean * sf
+    ref_latent = model.encode(garment).mean * sf
+    noise = jax.random.normal(jax.random.PRNGKey(seed), latent.shape)
+    noisy = schedulers.add_noise(schedulers.schedule_for_model(model), latent, noise, t_batch)
+    gen = generative_input(noisy, inpainting_conditions(mask, masked_latent, densepose))
+    return gen, model.reference_features(ref_latent, t_batch), t_batch
+
+
 def attention_flows(model, batch: dict, *, t: int = 250, layers=None, seed: int = 0,
                     tau: float = 2.0) -> dict[int, jax.Array]:
     """{layer: flow (B,H,W,2) at image size} of the generative UNet's attention for a batch."""
     person = jnp.asarray(batch["person"])
-    garment = jnp.asarray(batch["garment"])
-    mask = jnp.asarray(batch["mask"])
-    sf, f = model.scaling_factor, model.vae.downsample_factor
-    b, hh, ww = person.shape[:3]
-    tt = jnp.full((b,), t)
-    z = model.encode(person).mean * sf
-    z_masked = model.encode(person * (mask < 0.5)).mean * sf
-    z_ref = model.encode(garment).mean * sf
-    sched = schedulers.make_schedule(model.scheduler_config())
-    z_t = schedulers.add_noise(sched, z, jax.random.normal(jax.random.PRNGKey(seed), z.shape), tt)
-    gen = jnp.concatenate([z_t, mask[:, ::f, ::f], z_masked,
-                           jnp.asarray(batch["densepose"])[:, ::f, ::f]], -1)
+    hh, ww = person.shape[1:3]
+    gen, feats, t_batch = probe_inputs(
+        model, person, jnp.asarray(batch["garment"]), jnp.asarray(batch["mask"]),
+        jnp.asarray(batch["densepose"]), t=t, seed=seed)
     layers = tuple(range(model.unet.num_transformer_layers)) if layers is None else layers
-    feats = model.reference_features(z_ref, tt)
-    _, flows = model.predict_noise(gen, tt, feats, return_probes=True,
+    _, flows = model.predict_noise(gen, t_batch, feats, return_probes=True,
                                    probe=flow_probe(layers, tau, fused=True))
     return {i: flow_lib.flow_to_image_size(v, hh, ww) for i, v in flows.items()}
 

@@ -37,7 +37,6 @@ __all__ = [
     "attention_map",
     "flow_from_attention",
     "flow_from_qk",
-    "flow_from_self_attention",
     "default_chunk_size",
     "upsample_bilinear",
     "grid_sample",
@@ -248,34 +247,6 @@ def flow_from_qk(
         qs = jnp.pad(qs, ((0, 0), (0, 0), (0, pad), (0, 0)))
     out = _fused_flow(qs, k_ref.astype(_F32), (h, w), chunk)
     return out[:, :n].reshape(b, h, w, 2)
-
-
-def flow_from_self_attention(
-    q: jax.Array,
-    k: jax.Array,
-    h: int,
-    w: int,
-    tau: float = 2.0,
-    *,
-    fused: bool = True,
-    chunk_size: int | None = None,
-) -> jax.Array:
-    """Flow (B, h, w, 2) from the generative UNet's concatenated self-attention q, k.
-
-    q, k (B, heads, 2N, d), tokens [generated | reference], N = h*w: queries of the generated
-    half against keys of the reference half.
-    """
-    for name, x in (("q", q), ("k", k)):
-        if x.ndim != 4 or x.shape[2] != 2 * int(h) * int(w):
-            raise ValueError(
-                f"flow_from_self_attention: {name} must be (B, heads, 2*h*w={2 * h * w}, d), "
-                f"got shape {x.shape}"
-            )
-    n = int(h) * int(w)
-    q_gen, k_ref = q[:, :, :n], k[:, :, n:]
-    if fused:
-        return flow_from_qk(q_gen, k_ref, h, w, tau, chunk_size=chunk_size)
-    return flow_from_attention(attention_map(q_gen, k_ref, tau), h, w)
 
 
 # --------------------------------------------------------------------------------------------

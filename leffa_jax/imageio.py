@@ -1,11 +1,13 @@
-"""Image files in and out for sampling: loading with clear errors, the official demo's
-resize-and-centre on white padding, model-range conversion, PNG writing and result grids.
+"""Images in and out, the one place for them: loading with clear errors, the official demo's
+resize-and-centre on white padding, model-range conversion both ways (`to_model`, `to_uint8`),
+PNG writing, result grids and the official repaint.
 
-Arrays here are HWC uint8 (files) or NHWC float32 in [-1, 1] (model inputs).
+Arrays here are HWC uint8 (files) or NHWC float32 in [-1, 1] (model inputs and outputs).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from typing import NamedTuple
 
@@ -29,36 +31,69 @@ def fit(src_h: int, src_w: int, height: int, width: int) -> Fit:
     return Fit(scale, nh, nw, (height - nh) // 2, (width - nw) // 2)
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
-    """Read an image file -> HWC (or HW for mode "L") uint8. Raises FileNotFoundError /
-    ValueError naming the file when it is missing or not an image."""
-    from PIL import Image, UnidentifiedImageError
+def decode_image(data: bytes, path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
+    """Encoded image bytes -> HWC uint8 ("RGB") or HW uint8 ("L"; "P" for label maps: a palette
+    image keeps its palette INDICES, as VITON-HD's parse maps need, other images become "L").
+    The one image decoder of the library (the data pipeline uses it too). Raises ValueError
+    naming `path` for data that is not an image or is too large to decode safely."""
+    from PIL import Image
 
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if mode == "P":
+                return np.asarray(im if im.mode in ("P", "L") else im.convert("L"))
+            return np.asarray(im.convert(mode))
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"{os.fspath(path)} is too large to read ({e}); downscale it first: the model "
+            "samples at a few megapixels at most"
+        ) from None
+    except Exception as e:  # PIL raises several types for truncated or corrupt files
+        raise ValueError(
+            f"{os.fspath(path)} is not a readable image file ({type(e).__name__}: {e})"
+        ) from None
+
+
+def load_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
+    """Read an image file -> HWC (or HW for modes "L" and "P", see `decode_image`) uint8. Raises
+    FileNotFoundError / ValueError naming the file when it is missing or not an image."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory, not an image file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert(mode))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image file ({type(e).__name__}: {e})") from None
+    with open(path, "rb") as f:
+        return decode_image(f.read(), path, mode)
+
+
+def check_same_frame(reference_hw, other_hw, reference: str, other: str, what: str,
+                     tolerance: float = 0.02) -> None:
+    """Raise ValueError when `other` (a mask, densepose or parse map) has another aspect ratio
+    than `reference` (the person image) by more than `tolerance`: it cannot show the same frame,
+    and resizing it would misalign it."""
+    ratio = (reference_hw[0] / reference_hw[1]) / (other_hw[0] / other_hw[1])
+    if abs(ratio - 1.0) > tolerance:
+        raise ValueError(
+            f"{what} {other} is {other_hw[1]}x{other_hw[0]} (WxH) but the person image "
+            f"{reference} is {reference_hw[1]}x{reference_hw[0]}: another aspect ratio, so it "
+            "would be misaligned. Give it in the person photo's frame"
+        )
 
 
 def resize_and_center(
-    img: np.ndarray, height: int, width: int, *, fill: int = 255, interpolation: str = "cubic"
+    img: np.ndarray, height: int, width: int, *, fill: float = 255, interpolation: str = "cubic"
 ) -> np.ndarray:
     """The official demo's `resize_and_center` (leffa_utils/utils.py): keep the aspect ratio,
     resize with OpenCV INTER_CUBIC ("nearest" for label-like images), centre on a canvas filled
-    with `fill` (white for photos). img HWC or HW uint8 -> (height, width[, C]) uint8."""
+    with `fill` (white for photos: 255, or 1.0 for float images in [-1, 1]). img HWC or HW uint8
+    (or float32) -> (height, width[, C]) of the same dtype."""
     import cv2
 
     f = fit(img.shape[0], img.shape[1], height, width)
     interp = {"cubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}[interpolation]
     resized = cv2.resize(img, (f.new_w, f.new_h), interpolation=interp)
-    out = np.full((height, width) + img.shape[2:], fill, dtype=np.uint8)
+    out = np.full((height, width) + img.shape[2:], fill, dtype=img.dtype)
     out[f.top : f.top + f.new_h, f.left : f.left + f.new_w] = resized.reshape(
         (f.new_h, f.new_w) + img.shape[2:]
     )
@@ -68,6 +103,17 @@ def resize_and_center(
 def to_model(img: np.ndarray) -> np.ndarray:
     """uint8 HWC -> float32 in [-1, 1] (ToTensor + Normalize(0.5, 0.5) of the official transform)."""
     return img.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images):
+    """Model range about [-1, 1] -> uint8 `round(clip(x / 2 + 0.5, 0, 1) * 255)`, any shape.
+    numpy in, numpy out; a jax array (or tracer, inside `jax.jit`) gives a jax array."""
+    if isinstance(images, np.ndarray | np.generic | list | tuple | float | int):
+        xp = np
+    else:
+        import jax.numpy as xp
+    x = xp.clip(xp.asarray(images).astype(xp.float32) / 2 + 0.5, 0.0, 1.0)
+    return xp.round(x * 255).astype(xp.uint8)
 
 
 def mask_to_binary(mask: np.ndarray, path: str = "mask", binarize: bool = False) -> np.ndarray:
@@ -88,18 +134,66 @@ def mask_to_binary(mask: np.ndarray, path: str = "mask", binarize: bool = False)
 
 
 def save_png(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write an HWC (or HW) uint8 image as PNG, creating the folder. Written to a temporary
+    sibling and renamed, so a failure never leaves a truncated file."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    Image.fromarray(np.asarray(img, np.uint8)).save(path, format="PNG")
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{os.path.basename(path)}.partial-{os.getpid()}")
+    try:
+        Image.fromarray(np.asarray(img, np.uint8)).save(partial, format="PNG")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
-def grid_row(*images: np.ndarray) -> np.ndarray:
-    """Side by side (HW or HWC uint8, same height) -> H x sum(W) x 3 uint8 (masks to grey)."""
-    cols = []
-    for im in images:
-        im = np.asarray(im, np.uint8)
-        if im.ndim == 2:
-            im = np.repeat(im[..., None], 3, axis=-1)
-        cols.append(im)
-    return np.concatenate(cols, axis=1)
+def resize_nearest(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Nearest-neighbour resize of an HW[C] array to (h, w) (index floor(i * H / h))."""
+    ys = (np.arange(h) * img.shape[0]) // h
+    xs = (np.arange(w) * img.shape[1]) // w
+    return img[ys][:, xs]
+
+
+def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tile uint8 images (HW masks become grey; all resized to the first image's size) into
+    rows with `pad` pixels of white between and around them -> (rows*(h+pad)+pad, ...) x 3."""
+    h, w = rows[0][0].shape[:2]
+    ncol = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            img = img if img.ndim == 3 else np.repeat(img[..., None], 3, -1)
+            if img.shape[:2] != (h, w):
+                img = resize_nearest(img, h, w)
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            out[y:y + h, x:x + w] = img[..., :3]
+    return out
+
+
+def repaint_radius(height: int) -> int:
+    """Official blur radius of the repaint: height // 100, made odd (1024 -> 11, 512 -> 5)."""
+    k = height // 100
+    return k + 1 if k % 2 == 0 else k
+
+
+def apply_repaint(
+    person_uint8: np.ndarray, mask: np.ndarray, generated_uint8: np.ndarray
+) -> np.ndarray:
+    """Official Leffa `do_repaint`: blur the mask with PIL `GaussianBlur(repaint_radius(H))` and
+    paste the generated pixels into the person: `person * (1 - m) + generated * m`, truncated to
+    uint8. person/generated (B,H,W,3) uint8, mask (B,H,W[,1]) in {0,1} -> (B,H,W,3) uint8."""
+    from PIL import Image, ImageFilter
+
+    mask = np.asarray(mask, np.float32)
+    if mask.ndim == 4:
+        mask = mask[..., 0]
+    out = []
+    for person, m, generated in zip(person_uint8, mask, generated_uint8, strict=True):
+        blurred = Image.fromarray(np.round(m * 255).astype(np.uint8), mode="L").convert("RGB")
+        blurred = blurred.filter(ImageFilter.GaussianBlur(repaint_radius(generated.shape[0])))
+        weight = np.asarray(blurred) / 255
+        out.append((person * (1 - weight) + generated * weight).astype(np.uint8))
+    return np.stack(out)

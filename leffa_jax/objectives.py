@@ -5,21 +5,34 @@ layer l of the generative UNet:
     A_l   = mean_heads softmax(Q_gen K_ref^T / (tau sqrt d))            (B, N, N), never stored
     F_l   = A_l @ coordinate_map(h_l, w_l)                               (B, h_l, w_l, 2)
     loss  = lam * mean_B( [t < t_threshold] * mean_l d(warp(ref, up(F_l)) * m, target * m) )
-The UNet hands each layer's per-head Q and reference K to a `probe` (see nn/unet.py); the flow is
-computed right there (fused: chunked, flash-style, custom VJP) so only (B, h, w, 2) per layer
-leaves the UNet.
+The UNet hands each layer's per-head Q and reference K to a `probe` (see nn/transformer.py); the
+flow is computed right there (fused: chunked, flash-style, custom VJP) so only (B, h, w, 2) per
+layer leaves the UNet.
+
+Attention probes at any softmax (self, reference, text, image prompt; `attention_probe=` of the
+UNet) for attention losses and pictures:
+- `key_mass_probe`: per query, the head-averaged softmax mass on each of a few key ranges, a map
+  (B, h, w, G) (StoryMaker's attention-mask loss: the image-prompt attention mass of the
+  background and of each character's tokens), computed in query chunks without the N x M map;
+- `attention_probability_probe`: the materialised head-averaged attention (B, N, M).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from leffa_jax import flow as flow_lib
-from leffa_jax.nn.unet import Probe, UNet
+from leffa_jax.nn.unet import AttentionProbe, Probe, ProbeSite, UNet
+
+# (start, stop) over the keys of one softmax, Python slice semantics (negative = from the end).
+KeyRange = tuple[int | None, int | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +84,72 @@ def attention_map_probe(layers: Sequence[int], tau: float = 1.0) -> Probe:
     wanted = frozenset(layers)
     return lambda index, q, k_ref, hw: (flow_lib.attention_map(q, k_ref, tau)
                                         if index in wanted else None)
+
+
+def key_group_mass(q: jax.Array, k: jax.Array, groups: Sequence[KeyRange], tau: float = 1.0, *,
+                   chunk_size: int | None = None) -> jax.Array:
+    """Head-averaged softmax mass of each query on each key range, (B, N, G) float32:
+
+        mass[b, n, g] = mean_h sum_{m in groups[g]} softmax_m(q[b, h, n] . k[b, h, m] / (tau sqrt d))
+
+    q (B, heads, N, d), k (B, heads, M, d). The softmax runs over all M keys; only a
+    (B, heads, chunk, M) float32 score block exists at a time (query chunks in `lax.map`, each
+    recomputed in the backward pass)."""
+    if q.ndim != 4 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"key_group_mass: q (B, heads, N, d) and k (B, heads, M, d) must agree, "
+                         f"got {q.shape} and {k.shape}")
+    b, nh, n, d = q.shape
+    m = k.shape[2]
+    member = np.zeros((m, len(groups)), np.float32)
+    for g, (start, stop) in enumerate(groups):
+        if not range(m)[slice(start, stop)]:
+            raise ValueError(f"key_group_mass: key range {(start, stop)} is empty for {m} keys")
+        member[slice(start, stop), g] = 1.0
+    chunk = int(min(chunk_size or flow_lib.default_chunk_size(b, nh, n, m), n))
+    pad = (-n) % chunk
+    q_chunks = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    q_chunks = jnp.moveaxis(q_chunks.reshape(b, nh, (n + pad) // chunk, chunk, d), 2, 0)
+    keys, member = k.astype(jnp.float32), jnp.asarray(member)
+    scale = 1.0 / (float(tau) * math.sqrt(d))
+
+    @jax.checkpoint
+    def chunk_mass(q_chunk):  # (B, heads, chunk, d) -> (B, chunk, G)
+        probs = jax.nn.softmax(jnp.einsum("bhnd,bhmd->bhnm", q_chunk, keys) * scale, axis=-1)
+        return jnp.einsum("bhnm,mg->bng", probs, member) / nh
+
+    mass = lax.map(chunk_mass, q_chunks)  # (n_chunks, B, chunk, G)
+    return jnp.moveaxis(mass, 0, 1).reshape(b, n + pad, len(groups))[:, :n]
+
+
+def _at(site: ProbeSite, branch: str, layers: frozenset[int] | None) -> bool:
+    return site.branch == branch and (layers is None or site.layer_index in layers)
+
+
+def key_mass_probe(groups: Sequence[KeyRange], *, branch: str = "image_prompt",
+                   layers: Sequence[int] | None = None, tau: float = 1.0,
+                   chunk_size: int | None = None) -> AttentionProbe:
+    """Attention probe: at the `branch` softmax of the selected layers (all when None), the map
+    (B, h, w, G) of `key_group_mass`. StoryMaker with one character: branch "image_prompt",
+    groups ((0, 20), (20, 40)) = background tokens, character tokens."""
+    wanted = None if layers is None else frozenset(layers)
+    groups = tuple(groups)
+
+    def probe(site, q, k, hw):
+        if not _at(site, branch, wanted):
+            return None
+        mass = key_group_mass(q, k, groups, tau, chunk_size=chunk_size)
+        return mass.reshape(mass.shape[0], *hw, len(groups))
+
+    return probe
+
+
+def attention_probability_probe(*, branch: str = "text", layers: Sequence[int] | None = None,
+                                tau: float = 1.0) -> AttentionProbe:
+    """Attention probe: the materialised head-averaged attention (B, N, M) of the `branch`
+    softmax ("self", "reference", "text", "image_prompt") in the selected layers."""
+    wanted = None if layers is None else frozenset(layers)
+    return lambda site, q, k, hw: (flow_lib.attention_map(q, k, tau)
+                                   if _at(site, branch, wanted) else None)
 
 
 def leffa_loss_from_flows(flows: dict[int, jax.Array], ref_image: jax.Array, target: jax.Array,

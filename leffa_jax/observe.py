@@ -1,5 +1,9 @@
 """Training observability: TensorBoard scalars (tensorboardX), a console progress bar, MFU from
-XLA-counted FLOPs, and a PNG grid every N steps (person | garment | mask | sample | Leffa flow)."""
+XLA-counted FLOPs, and a PNG grid of the task's panels every N steps.
+
+Metric names come from the metrics given to `Logger.log`: "loss" -> `loss/total`, "grad_norm"
+and "lr" -> `train/...`, "step" and "finite" are bookkeeping, every other scalar (the task's
+terms, e.g. "mse") -> `loss/<name>`."""
 
 from __future__ import annotations
 
@@ -9,11 +13,29 @@ import time
 import jax
 import numpy as np
 
+TRAIN_SCALARS = ("grad_norm", "lr")
+BOOKKEEPING = ("step", "finite")
 
-def step_flops(step_fn, *args) -> float | None:
-    """FLOPs of one compiled training step (all devices), from XLA's cost analysis."""
+
+def scalar_tags(metrics: dict) -> dict[str, float]:
+    """{TensorBoard tag: value} for the scalar metrics of one step (see the module docstring)."""
+    tags = {}
+    for name, value in metrics.items():
+        if name in BOOKKEEPING or np.ndim(value) != 0:
+            continue
+        if name == "loss":
+            tags["loss/total"] = value
+        elif name in TRAIN_SCALARS:
+            tags[f"train/{name}"] = value
+        else:
+            tags[f"loss/{name}"] = value
+    return tags
+
+def step_flops(compiled) -> float | None:
+    """FLOPs of one compiled training step (all devices), from XLA's cost analysis of
+    `compiled` (a `jax.stages.Compiled`, e.g. `jax.jit(f).lower(*args).compile()`)."""
     try:
-        cost = step_fn.lower(*args).compile().cost_analysis()
+        cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         return float(cost.get("flops", 0.0)) or None
     except Exception:  # best effort on some backends
@@ -51,13 +73,13 @@ class Logger:
         self.peak = peak_flops_per_device()
         self._t = time.perf_counter()
         self._last_step = start
+        self.workdir = workdir
         self.writer = None
         self.bar = None
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
-        self.workdir = workdir
         self.writer = SummaryWriter(os.path.join(workdir, "tb"))
         if config.log.progress_bar:
             from tqdm import tqdm
@@ -65,21 +87,22 @@ class Logger:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def log(self, m: dict) -> None:
+        """Record the host metrics of one step (m["step"] is the step index before it ran)."""
         step = int(m["step"]) + 1
         if not self.enabled:
             return
+        tags = scalar_tags(m)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", leffa=f"{m['leffa']:.2e}")
+            self.bar.set_postfix({k.split("/")[-1]: f"{float(v):.4g}"
+                                  for k, v in tags.items() if k.startswith("loss/")})
         if step % self.every:
             return
         now = time.perf_counter()
         steps = max(step - self._last_step, 1)
         sps = steps / max(now - self._t, 1e-9)
         self._t, self._last_step = now, step
-        scalars = {"loss/total": m["loss"], "loss/mse": m["mse"], "loss/leffa": m["leffa"],
-                   "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
-                   "perf/steps_per_sec": sps,
+        scalars = {**tags, "perf/steps_per_sec": sps,
                    "perf/images_per_sec_per_device": sps * self.batch / self.n_dev}
         if self.flops:
             scalars["perf/tflops_per_sec"] = self.flops * sps / 1e12
@@ -92,30 +115,13 @@ class Logger:
             print(f"step {step}: " + ", ".join(f"{k.split('/')[-1]} {float(v):.4g}"
                                               for k, v in scalars.items()), flush=True)
 
-    def images(self, step: int, model, ema: dict, vae_params, host_batch: dict, config) -> None:
-        """Sample with `ema` (host copies of the trainable params, see `host_params`) on the first
-        pair of `host_batch` and write a PNG grid (person | garment | mask | sample | flow | warped)
-        to workdir/images/step_NNNNNNN.png and to TensorBoard ("samples")."""
-        if not self.enabled:
+    def images(self, step: int, row: list[np.ndarray]) -> None:
+        """Write one row of panels (HWC uint8, e.g. `Task.image_row`) as a PNG grid to
+        workdir/images/step_NNNNNNN.png and to TensorBoard ("samples"). No panels: nothing."""
+        if not self.enabled or not row:
             return
-        from flax import nnx
+        from leffa_jax import viz
 
-        from leffa_jax import pipeline, viz
-        from leffa_jax.train import TRAINABLE
-
-        for name in TRAINABLE:
-            nnx.update(getattr(model, name), ema[name])
-        nnx.update(model.vae, vae_params)
-        b = {k: np.asarray(v[:1]) for k, v in host_batch.items()}
-        row = [viz.to_uint8(b["person"][0]), viz.to_uint8(b["garment"][0]),
-               np.repeat(np.round(b["mask"][0] * 255).astype(np.uint8), 3, -1)]
-        out = pipeline.generate(model, b["person"], b["garment"], b["mask"], b["densepose"],
-                                steps=int(config.log.sample_steps), guidance=2.5, seed=0)
-        row.append(np.asarray(out.images[0]))
-        pics = viz.attention_pictures(model, b["person"][0], b["garment"][0], b["mask"][0],
-                                      b["densepose"][0], t=300, layers=None, points=())
-        flows = sorted(k for k in pics if k.startswith("flow_l"))
-        row += [pics[flows[0]], pics[flows[0].replace("flow", "warped")]] if flows else []
         grid = viz.grid([row])
         os.makedirs(os.path.join(self.workdir, "images"), exist_ok=True)
         viz.save_png(os.path.join(self.workdir, "images", f"step_{step:07d}.png"), grid)

@@ -1,29 +1,30 @@
 """The Leffa sampling pipeline: one compiled program from images to uint8 results.
 
-Follows the official `LeffaPipeline.__call__` (LEFFA_REFERENCE section 3) step by step:
+Leffa's composition of the shared sampling parts (`leffa_jax.sampling`), following the official
+`LeffaPipeline.__call__` (LEFFA_REFERENCE section 3) step by step:
 
 1. `masked = person * (mask < 0.5)`; both VAE posteriors are SAMPLED (`mean + std * noise`) and
-   scaled by the VAE scaling factor.
-2. mask and densepose go to latent size with torch `nearest` (`x[:, ::f, ::f]`).
-3. Classifier-free guidance: the unconditional branch uses reference features of an ALL-ZERO
-   reference latent (they depend only on t, so they are computed with batch 1 and broadcast).
-   `eps = eps_u + g (eps_c - eps_u)`, then `rescale_noise_cfg(eps, eps_c, phi)` with phi = g by
-   default (the official code passes the guidance scale as `guidance_rescale`); phi = 0 is off.
-4. Scheduler: ancestral DDPM with the base model's betas ("ddpm", the official one), or "ddim"
-   (eta 0) / "dpmpp_2m" (DPM-Solver++ 2M). SDXL-based models use zero-terminal-SNR betas, as the
-   official `LeffaModel` does for every base that is not "stable-diffusion-inpainting".
-5. `ref_acceleration`: reference UNet run once at `timesteps[N // 2]` for both branches.
-6. Decode `D(latent / sf)`, `round(clip(x / 2 + 0.5, 0, 1) * 255)`; optional repaint (host side,
-   PIL Gaussian blur exactly as the official `do_repaint`).
+   scaled by the VAE scaling factor; `model.inpainting_conditions` takes mask and densepose to
+   latent size (torch `nearest`) beside the masked-image latent.
+2. The noise function (`leffa_eps_fn`) runs the generative UNet once per step on the two
+   classifier-free-guidance branches (sample-major on the batch axis): unconditional = reference
+   features of an ALL-ZERO reference latent (they depend only on t: computed with batch 1 and
+   broadcast), conditional = the garment's. `guidance.classifier_free_guidance` combines them,
+   with `rescale_noise_cfg(phi)`, phi = g by default (the official code passes the guidance
+   scale as `guidance_rescale`); phi = 0 is off.
+3. The loop (`loop.denoise`) steps any registered stepper: "ddpm" (official: ancestral DDPM with
+   the base model's betas), "ddim", "dpmpp_2m", "unipc", "pndm", "deis". The noise schedule is
+   `schedulers.schedule_for_model` (zero-terminal SNR for SDXL bases, as the official code).
+4. `ref_acceleration`: the reference UNet runs once, at `timesteps[steps // 2]`.
+5. Decode `D(latent / sf)`, `imageio.to_uint8`; optional repaint (host side, the official
+   `do_repaint`, `imageio.apply_repaint`).
 
-Layout: NHWC everywhere. The whole denoising loop is a `lax.scan` inside one `jax.jit` (keyed on
-shapes, step count and options), over the model split into (graphdef, state). Parameters stay
-float32 (master); the UNets run in `dtype` (float32 / bfloat16 / float16, params cast once per
-call inside the program); the VAE runs in `vae_dtype` (float32 by default); scheduler, guidance
-and the latents stay float32. CFG runs as per-sample (uncond, cond) pairs in one UNet batch of
-2B (each sample's pair stays on one device when the batch is sharded; per-sample results equal
-the official [uncond batch; cond batch] order). With several local devices and a batch that
-divides, the batch axis is sharded with a NamedSharding over all of them.
+Layout: NHWC. Encode, loop and decode are one `jax.jit` (keyed on shapes, stepper and options)
+over the model split into (graphdef, state). Parameters stay float32 (master); the UNets run in
+`dtype`, the VAE in `vae_dtype` (float32 by default), cast once per call inside the program;
+stepper, guidance and latents stay float32. With several local devices and a batch that divides,
+the batch is sharded over all of them (`loop.batch_mesh`); a sample's two branches stay on one
+device.
 
 Random draws: with `noise=None` every draw comes from `jax.random` with `seed`; otherwise a
 mapping with the official fixture's keys (`NOISE_KEYS`, NHWC; `noise_from_torch` converts the
@@ -40,11 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from leffa_jax import schedulers as S
-from leffa_jax.nn.layers import resize_nearest_torch
+from leffa_jax import checks, components, sharding
+from leffa_jax.imageio import apply_repaint, repaint_radius, resize_and_center, to_uint8
+from leffa_jax.model import generative_input, inpainting_conditions
+from leffa_jax.sampling import guidance
+from leffa_jax.sampling.guidance import rescale_noise_cfg
+from leffa_jax.sampling.loop import batch_mesh, denoise, progress_reporting, shard_batch
+from leffa_jax.sampling.steppers import STEPPERS, make_stepper
+from leffa_jax.schedulers import Schedule, schedule_for_model, uses_zero_terminal_snr
 
 __all__ = [
     "NOISE_KEYS",
@@ -54,7 +59,10 @@ __all__ = [
     "generate",
     "leffa_schedule",
     "uses_zero_terminal_snr",
-    "inference_timesteps",
+    "cast_params",
+    "encode_conditions",
+    "reference_features_both",
+    "leffa_eps_fn",
     "rescale_noise_cfg",
     "noise_from_torch",
     "draw_noise",
@@ -64,7 +72,7 @@ __all__ = [
 ]
 
 NOISE_KEYS = ("vae_sample_noise_masked", "vae_sample_noise_ref", "init_noise", "step_noise")
-SCHEDULERS = ("ddpm", "ddim", "dpmpp_2m")
+SCHEDULERS = tuple(STEPPERS)
 DTYPES = {
     "float32": jnp.float32,
     "fp32": jnp.float32,
@@ -77,9 +85,9 @@ _F32 = jnp.float32
 
 
 class GenerateOutput(NamedTuple):
-    """images (B,H,W,3) uint8 (repainted when asked); latents (steps,B,h,w,C) float32 scaled
-    latents after each step, or None; decoded (B,H,W,3) float32 VAE output before clipping;
-    timesteps (steps,) int64."""
+    """images (B,H,W,3) uint8 (repainted when asked); latents (K,B,h,w,C) float32 scaled latents
+    after each of the stepper's K model evaluations (K = steps, pndm: steps + 1), or None;
+    decoded (B,H,W,3) float32 VAE output before clipping; timesteps (K,) int64."""
 
     images: np.ndarray
     latents: np.ndarray | None
@@ -87,95 +95,29 @@ class GenerateOutput(NamedTuple):
     timesteps: np.ndarray
 
 
-# --------------------------------------------------------------------------------------------
-# Schedules
-# --------------------------------------------------------------------------------------------
-
-
-uses_zero_terminal_snr = S.uses_zero_terminal_snr
-
-
-def leffa_schedule(model, zero_snr: bool | None = None) -> S.Schedule:
-    """The DDPM training schedule the official pipeline samples with: the base config's betas
-    (its `_class_name` PNDM/Euler is ignored, as the official code builds a DDPMScheduler), with
-    zero-terminal-SNR per `uses_zero_terminal_snr` unless `zero_snr` is given."""
+def leffa_schedule(model, zero_snr: bool | None = None) -> Schedule:
+    """The model's noise schedule (`schedulers.schedule_for_model`); `zero_snr` overrides the
+    zero-terminal-SNR choice."""
     if zero_snr is None:
-        zero_snr = uses_zero_terminal_snr(model.config_dir)
-    return S.make_schedule(model.scheduler_config(), rescale_betas_zero_snr=bool(zero_snr))
-
-
-def inference_timesteps(
-    schedule: S.Schedule, steps: int, scheduler: str = "ddpm"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, prev_timesteps) (steps,) int64 for the chosen scheduler; prev is unused by
-    "dpmpp_2m" (it walks its sigma table by step index)."""
-    if scheduler == "ddpm":
-        return S.ddpm_timesteps(schedule, steps)
-    if scheduler == "ddim":
-        return S.ddim_timesteps(schedule, steps)
-    if scheduler == "dpmpp_2m":
-        ts = S.dpm_timesteps(schedule, steps)
-        return ts, np.concatenate([ts[1:], [-1]]).astype(np.int64)
-    raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {SCHEDULERS}")
+        return schedule_for_model(model)
+    return schedule_for_model(model, rescale_betas_zero_snr=bool(zero_snr))
 
 
 # --------------------------------------------------------------------------------------------
-# Pieces (pure, NHWC)
+# Leffa's pieces (traceable, NHWC)
 # --------------------------------------------------------------------------------------------
 
 
-def rescale_noise_cfg(eps: jax.Array, eps_cond: jax.Array, phi) -> jax.Array:
-    """diffusers/official `rescale_noise_cfg`: phi * eps * std(eps_c) / std(eps) + (1 - phi) *
-    eps, std unbiased (ddof=1) over all non-batch axes, per sample (float32)."""
-    axes = tuple(range(1, eps.ndim))
-    std_c = jnp.std(eps_cond, axis=axes, keepdims=True, ddof=1)
-    std_g = jnp.std(eps, axis=axes, keepdims=True, ddof=1)
-    return phi * (eps * (std_c / std_g)) + (1 - phi) * eps
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """VAE output about [-1, 1] -> uint8 `round(clip(x / 2 + 0.5, 0, 1) * 255)`."""
-    x = jnp.clip(images.astype(_F32) / 2 + 0.5, 0.0, 1.0)
-    return jnp.round(x * 255).astype(jnp.uint8)
-
-
-def _pair(x: jax.Array) -> jax.Array:
-    """(B, ...) -> (2B, ...) as per-sample (uncond, cond) pairs of the same array."""
-    return jnp.repeat(x, 2, axis=0)
-
-
-def _pair_features(uncond, cond):
-    """uncond feats (1, N, C) each, cond (B, N, C) -> (2B, N, C) pairs [u, c_0, u, c_1, ...]."""
-    out = []
-    for u, c in zip(uncond, cond, strict=True):
-        u = jnp.broadcast_to(u, c.shape)
-        out.append(jnp.stack([u, c], axis=1).reshape((2 * c.shape[0],) + c.shape[1:]))
-    return tuple(out)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    """Static options of the compiled program (part of the jit cache key)."""
-
-    scheduler: str
-    rescale: bool
-    ref_acceleration: bool
-    return_latents: bool
-    compute_dtype: Any
-    vae_dtype: Any
-    attention_kernel: str
-    fuse_uncond_ref: bool  # run the zero-latent reference pass in the same batch (1 device)
-    report_steps: bool
-
-
-def _cast_state(state, compute_dtype, vae_dtype):
-    """Cast floating params once per call: UNets to compute_dtype, VAE to vae_dtype."""
+def cast_params(state, compute_dtype, vae_dtype, system=components.LEFFA):
+    """Cast floating params once per call: components of kind "vae" to vae_dtype, the others
+    (the UNets) to compute_dtype."""
+    kinds = {c.name: c.kind for c in system}
 
     def cast(path, x):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
         top = path[0].key if hasattr(path[0], "key") else None
-        return x.astype(vae_dtype if top == "vae" else compute_dtype)
+        return x.astype(vae_dtype if kinds.get(top) == "vae" else compute_dtype)
 
     return jax.tree_util.tree_map_with_path(cast, state)
 
@@ -183,138 +125,103 @@ def _cast_state(state, compute_dtype, vae_dtype):
 def encode_conditions(
     model, person, garment, mask, densepose, noise_masked, noise_ref, vae_dtype=_F32
 ):
-    """-> (cond (B,h,w,1+C+3) = [mask | masked-image latent | densepose] at latent size,
+    """-> (conditions (B,h,w,1+C+3) `[mask | masked-image latent | densepose]` at latent size,
     ref_latent (B,h',w',C)), both float32 and scaled."""
     sf = model.scaling_factor
     masked = person * (mask < 0.5).astype(person.dtype)
     if masked.shape == garment.shape:  # one VAE pass over per-sample (masked, garment) pairs
-        b = masked.shape[0]
-        both = jnp.stack([masked, garment], axis=1).reshape((2 * b,) + masked.shape[1:])
-        post = model.encode(both.astype(vae_dtype))
-        nz = jnp.stack([noise_masked, noise_ref], axis=1).reshape((2 * b,) + noise_ref.shape[1:])
-        lat = model.vae.sample_posterior(post, nz).astype(_F32) * sf
-        lat = lat.reshape((b, 2) + lat.shape[1:])
-        masked_lat, ref_lat = lat[:, 0], lat[:, 1]
+        both = guidance.interleave_branches(masked, garment).astype(vae_dtype)
+        noise = guidance.interleave_branches(noise_masked, noise_ref)
+        latents = model.vae.sample_posterior(model.encode(both), noise).astype(_F32) * sf
+        masked_latent, ref_latent = guidance.split_branches(latents, 2)
     else:
         post_m = model.encode(masked.astype(vae_dtype))
         post_r = model.encode(garment.astype(vae_dtype))
-        masked_lat = model.vae.sample_posterior(post_m, noise_masked).astype(_F32) * sf
-        ref_lat = model.vae.sample_posterior(post_r, noise_ref).astype(_F32) * sf
-    size = masked_lat.shape[1:3]
-    mask_lat = resize_nearest_torch(mask.astype(_F32), size)
-    dp_lat = resize_nearest_torch(densepose.astype(_F32), size)
-    return jnp.concatenate([mask_lat, masked_lat, dp_lat], axis=-1), ref_lat
+        masked_latent = model.vae.sample_posterior(post_m, noise_masked).astype(_F32) * sf
+        ref_latent = model.vae.sample_posterior(post_r, noise_ref).astype(_F32) * sf
+    return inpainting_conditions(mask, masked_latent, densepose), ref_latent
 
 
-def reference_features_cfg(
-    model, ref_lat, t, compute_dtype=_F32, attention_kernel="xla", fuse=True
+def reference_features_both(
+    model, ref_latent, t, compute_dtype=_F32, attention_kernel="xla", fuse=True
 ):
-    """Reference features for both branches: (uncond (1,N,C)..., cond (B,N,C)...); the
-    unconditional branch is the all-zero reference latent (depends only on t)."""
-    zero = jnp.zeros((1,) + ref_lat.shape[1:], compute_dtype)
-    ref = ref_lat.astype(compute_dtype)
+    """Reference features of both guidance branches: (uncond (1,N,C)..., cond (B,N,C)...); the
+    unconditional branch is the all-zero reference latent (depends only on t). `fuse`: one
+    reference-UNet call on [zero; references] (unsharded batches)."""
+    zero = jnp.zeros((1,) + ref_latent.shape[1:], compute_dtype)
+    ref = ref_latent.astype(compute_dtype)
     if fuse:
         feats = model.reference_features(
             jnp.concatenate([zero, ref]), t, attention_kernel=attention_kernel
         )
         return tuple(f[:1] for f in feats), tuple(f[1:] for f in feats)
-    fu = model.reference_features(zero, t, attention_kernel=attention_kernel)
-    fc = model.reference_features(ref, t, attention_kernel=attention_kernel)
-    return fu, fc
+    uncond = model.reference_features(zero, t, attention_kernel=attention_kernel)
+    cond = model.reference_features(ref, t, attention_kernel=attention_kernel)
+    return uncond, cond
 
 
-def guided_eps(
-    model,
-    latent,
-    cond2,
-    t,
-    features2,
-    guidance,
-    phi,
-    rescale: bool,
-    compute_dtype=_F32,
-    attention_kernel="xla",
-):
-    """One CFG noise prediction: latent (B,h,w,C) float32, cond2 (2B,h,w,8) paired conditions,
-    features2 paired reference features -> (guided eps, cond eps), float32 (B,h,w,C)."""
-    b = latent.shape[0]
-    gen = jnp.concatenate([_pair(latent), cond2], axis=-1).astype(compute_dtype)
-    eps = model.predict_noise(gen, t, features2, attention_kernel=attention_kernel).astype(_F32)
-    eps = eps.reshape((b, 2) + eps.shape[1:])
-    eu, ec = eps[:, 0], eps[:, 1]
-    g = eu + guidance * (ec - eu)
-    if rescale:
-        g = rescale_noise_cfg(g, ec, phi)
-    return g, ec
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Static options of the compiled program (part of the jit cache key)."""
+
+    rescale: bool
+    reference_step: int | None  # ref_acceleration: features at timesteps[reference_step]
+    return_latents: bool
+    compute_dtype: Any
+    vae_dtype: Any
+    attention_kernel: str
+    fuse_uncond_ref: bool  # run the zero-latent reference pass in the same batch (1 device)
 
 
-_PROGRESS: list[Callable[[int], None]] = []
+def leffa_eps_fn(model, ref_latent, guidance_scale, phi=None, *, compute_dtype=_F32,
+                 attention_kernel="xla", fuse_uncond_ref=True, reference_t=None):
+    """Leffa's noise function for `loop.denoise`: eps_fn(x (B,h,w,C), t, conditions (2B,h,w,8)
+    branch-paired) -> guided eps (B,h,w,C) float32. One generative-UNet call per step over the
+    (uncond, cond) branches; phi: `rescale_noise_cfg` (None = off); `reference_t`: reference
+    features computed once, at that t (ref_acceleration)."""
+
+    def features_at(t):
+        uncond, cond = reference_features_both(
+            model, ref_latent, t, compute_dtype, attention_kernel, fuse_uncond_ref
+        )
+        return tuple(guidance.interleave_branches(u, c) for u, c in zip(uncond, cond, strict=True))
+
+    fixed = None if reference_t is None else features_at(reference_t)
+
+    def eps_fn(x, t, conditions):
+        features = features_at(t) if fixed is None else fixed
+        gen = generative_input(guidance.repeat_branches(x, 2), conditions)
+        eps = model.predict_noise(
+            gen.astype(compute_dtype), t, features, attention_kernel=attention_kernel
+        ).astype(_F32)
+        eps_uncond, eps_cond = guidance.split_branches(eps, 2)
+        return guidance.classifier_free_guidance(eps_uncond, eps_cond, guidance_scale, phi)
+
+    return eps_fn
 
 
-def _report(i) -> None:
-    for hook in _PROGRESS:
-        hook(int(i))
-
-
-def _sample_impl(
-    graphdef,
-    state,
-    schedule,
-    person,
-    garment,
-    mask,
-    densepose,
-    noise,
-    timesteps,
-    prev_timesteps,
-    sigmas,
-    guidance,
-    phi,
-    opts: _Options,
-):
-    cd, vd = opts.compute_dtype, opts.vae_dtype
-    model = nnx.merge(graphdef, _cast_state(state, cd, vd))
-    kern = opts.attention_kernel
-    cond, ref_lat = encode_conditions(
-        model,
-        person,
-        garment,
-        mask,
-        densepose,
-        noise["vae_sample_noise_masked"],
-        noise["vae_sample_noise_ref"],
-        vd,
+def _sample_impl(graphdef, state, person, garment, mask, densepose, noise, stepper,
+                 guidance_scale, phi, progress, opts: _Options):
+    model = nnx.merge(graphdef, cast_params(state, opts.compute_dtype, opts.vae_dtype))
+    conditions, ref_latent = encode_conditions(
+        model, person, garment, mask, densepose, noise["vae_sample_noise_masked"],
+        noise["vae_sample_noise_ref"], opts.vae_dtype,
     )
-    cond2 = _pair(cond)
-    n = timesteps.shape[0]
-
-    def feats_at(t):
-        fu, fc = reference_features_cfg(model, ref_lat, t, cd, kern, opts.fuse_uncond_ref)
-        return _pair_features(fu, fc)
-
-    fixed = feats_at(timesteps[n // 2]) if opts.ref_acceleration else None
-    x0 = noise["init_noise"].astype(_F32)
-
-    def body(carry, xs):
-        x, dstate = carry
-        i, t, pt, nz = xs
-        feats = fixed if opts.ref_acceleration else feats_at(t)
-        eps, _ = guided_eps(model, x, cond2, t, feats, guidance, phi, opts.rescale, cd, kern)
-        if opts.scheduler == "ddpm":
-            x, _ = S.ddpm_step(schedule, eps, x, t, pt, nz.astype(_F32))
-        elif opts.scheduler == "ddim":
-            x, _ = S.ddim_step(schedule, eps, x, t, pt)
-        else:
-            x, dstate = S.dpm_solver_step(schedule, sigmas, dstate, eps, x)
-            x = x.astype(_F32)
-        if opts.report_steps:
-            jax.debug.callback(_report, i)
-        return (x, dstate), (x if opts.return_latents else None)
-
-    xs = (jnp.arange(n, dtype=jnp.int32), timesteps, prev_timesteps, noise["step_noise"])
-    (x, _), lat = jax.lax.scan(body, (x0, S.dpm_solver_init(x0)), xs)
-    decoded = model.decode(x.astype(vd)).astype(_F32)
-    return to_uint8(decoded), lat, decoded
+    reference_t = None
+    if opts.reference_step is not None:
+        reference_t = stepper.timesteps[opts.reference_step]
+    eps_fn = leffa_eps_fn(
+        model, ref_latent, guidance_scale, phi if opts.rescale else None,
+        compute_dtype=opts.compute_dtype, attention_kernel=opts.attention_kernel,
+        fuse_uncond_ref=opts.fuse_uncond_ref, reference_t=reference_t,
+    )
+    x, latents = denoise(
+        stepper, eps_fn, noise["init_noise"], guidance.repeat_branches(conditions, 2),
+        step_noise=noise["step_noise"] if stepper.needs_noise else None,
+        return_latents=opts.return_latents, progress=progress,
+    )
+    decoded = model.decode(x.astype(opts.vae_dtype)).astype(_F32)
+    return to_uint8(decoded), latents, decoded
 
 
 _sample = jax.jit(_sample_impl, static_argnames=("graphdef", "opts"))
@@ -377,35 +284,19 @@ def _check_noise(noise: Mapping[str, Any], want: dict[str, tuple[int, ...]]) -> 
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Repaint (host side, the official `do_repaint`)
-# --------------------------------------------------------------------------------------------
-
-
-def repaint_radius(height: int) -> int:
-    """Official blur radius: height // 100, made odd (1024 -> 11, 512 -> 5, 32 -> 1)."""
-    k = height // 100
-    return k + 1 if k % 2 == 0 else k
-
-
-def apply_repaint(
-    person_uint8: np.ndarray, mask: np.ndarray, generated_uint8: np.ndarray
-) -> np.ndarray:
-    """Official repaint: blur the mask with PIL `GaussianBlur(repaint_radius(H))` and paste the
-    generated pixels into the person: `person * (1 - m) + generated * m`, truncated to uint8.
-    person/generated (B,H,W,3) uint8, mask (B,H,W[,1]) in {0,1} -> (B,H,W,3) uint8."""
-    from PIL import Image, ImageFilter
-
-    mask = np.asarray(mask, np.float32)
-    if mask.ndim == 4:
-        mask = mask[..., 0]
-    out = []
-    for p, m, g in zip(person_uint8, mask, generated_uint8, strict=True):
-        mi = Image.fromarray(np.round(m * 255).astype(np.uint8), mode="L").convert("RGB")
-        mi = mi.filter(ImageFilter.GaussianBlur(repaint_radius(g.shape[0])))
-        mn = np.asarray(mi) / 255
-        out.append((p * (1 - mn) + g * mn).astype(np.uint8))
-    return np.stack(out)
+def _noise_for_call(model, person, garment, steps: int, seed: int, noise) -> dict:
+    """Every draw of one `generate` call: replayed `noise` (shapes checked) or drawn from seed."""
+    factor, c = model.vae.downsample_factor, model.vae.config.latent_channels
+    b, lh, lw = person.shape[0], person.shape[1] // factor, person.shape[2] // factor
+    rh, rw = garment.shape[1] // factor, garment.shape[2] // factor
+    if noise is None:
+        return draw_noise(seed, b, (lh, lw), (rh, rw), c, steps)
+    return _check_noise(noise, {
+        "vae_sample_noise_masked": (b, lh, lw, c),
+        "vae_sample_noise_ref": (b, rh, rw, c),
+        "init_noise": (b, lh, lw, c),
+        "step_noise": (steps, b, lh, lw, c),
+    })
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,51 +304,21 @@ def apply_repaint(
 # --------------------------------------------------------------------------------------------
 
 
-def _as_batch(x, name: str, channels: int | None) -> np.ndarray:
-    a = np.asarray(x, np.float32)
-    if name == "mask" and a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4 or (channels is not None and a.shape[-1] != channels):
-        want = f"(B, H, W, {channels})" if channels else "(B, H, W, C)"
-        raise ValueError(f"{name} must be NHWC {want}, got shape {a.shape}")
-    return a
+def _garment_like_person(garment: np.ndarray, person_hw: tuple[int, int]) -> np.ndarray:
+    """A garment (reference) of another size than the person is resized and centred onto the
+    person's size, keeping its aspect ratio on white padding (OpenCV bicubic, clipped to
+    [-1, 1]), as the official demo prepares every image before its pipeline."""
+    if garment.shape[1:3] == tuple(person_hw):
+        return garment
+    out = [resize_and_center(g, *person_hw, fill=1.0) for g in garment]
+    return np.clip(np.stack(out), -1.0, 1.0).astype(np.float32)
 
 
-def _validate(person, garment, mask, densepose, factor: int):
-    person = _as_batch(person, "person", 3)
-    garment = _as_batch(garment, "garment", 3)
-    mask = _as_batch(mask, "mask", 1)
-    densepose = _as_batch(densepose, "densepose", 3)
-    b, h, w = person.shape[:3]
-    for name, a in (("garment", garment), ("mask", mask), ("densepose", densepose)):
-        if a.shape[0] != b:
-            raise ValueError(f"{name} has batch {a.shape[0]}, person has {b}")
-    for name, a in (("mask", mask), ("densepose", densepose)):
-        if a.shape[1:3] != (h, w):
-            raise ValueError(
-                f"{name} is {a.shape[1]}x{a.shape[2]}, person is {h}x{w}: give "
-                "them at the same size"
-            )
-    for name, a in (("person", person), ("garment", garment)):
-        if a.shape[1] % factor or a.shape[2] % factor:
-            raise ValueError(
-                f"{name} size {a.shape[1]}x{a.shape[2]} must be a multiple of "
-                f"{factor} (the VAE downsampling factor)"
-            )
-    for name, a in (("person", person), ("garment", garment), ("densepose", densepose)):
-        lo, hi = float(a.min()), float(a.max())
-        if lo < -1.001 or hi > 1.001:
-            raise ValueError(
-                f"{name} values span [{lo:g}, {hi:g}]; images must be in [-1, 1] "
-                "(uint8 x: x / 127.5 - 1)"
-            )
-    if not np.isin(mask, (0.0, 1.0)).all():
-        bad = np.unique(mask[~np.isin(mask, (0.0, 1.0))])[:5]
-        raise ValueError(
-            f"mask must hold only 0 and 1 (1 = region to generate); found values "
-            f"such as {bad.tolist()}. Binarise it first, e.g. (mask >= 0.5)"
-        )
-    return person, garment, mask, densepose
+def _checked_inputs(model, person, garment, mask, densepose):
+    """`checks.validate_inputs`, then the garment brought to the person's size."""
+    person, garment, mask, densepose = checks.validate_inputs(
+        person, garment, mask, densepose, model.vae.downsample_factor)
+    return person, _garment_like_person(garment, person.shape[1:3]), mask, densepose
 
 
 def _dtype(name) -> Any:
@@ -467,13 +328,6 @@ def _dtype(name) -> Any:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
-
-
-def _batch_mesh(batch: int, shard: bool) -> Mesh | None:
-    devices = jax.local_devices()
-    if not shard or len(devices) < 2 or batch % len(devices):
-        return None
-    return Mesh(np.asarray(devices), ("data",))
 
 
 def generate(
@@ -501,90 +355,58 @@ def generate(
 ) -> GenerateOutput:
     """Sample Leffa results (try-on or pose transfer).
 
-    person, garment: (B,H,W,3) in [-1, 1] (garment = reference image); mask: (B,H,W[,1]) in
-    {0, 1}, 1 = region to generate (all ones for pose transfer); densepose: (B,H,W,3) in [-1, 1].
+    person, garment: (B,H,W,3) in [-1, 1] (garment = reference image; of another size, it is
+    resized and centred onto the person's size on white, as the official demo does); mask:
+    (B,H,W[,1]) in {0, 1}, 1 = region to generate (all ones for pose transfer); densepose:
+    (B,H,W,3) in [-1, 1]. Non-finite inputs, settings or results, and a request that cannot fit
+    the device's memory (`checks.check_memory`, before compiling) raise ValueError.
     guidance: CFG scale g; guidance_rescale: phi of `rescale_noise_cfg` (None = g, as the
     official pipeline; 0 turns it off). noise: recorded draws to replay (`NOISE_KEYS`, NHWC;
     see `noise_from_torch`), else everything is drawn from `seed`. dtype: UNet compute dtype
-    ("float32", "bfloat16", "float16"); vae_dtype: the VAE's. scheduler: "ddpm" (official),
-    "ddim" or "dpmpp_2m". zero_snr: override the zero-terminal-SNR choice. progress: called with
-    the step index after each step (from inside the compiled loop).
+    ("float32", "bfloat16", "float16"); vae_dtype: the VAE's. scheduler: any registered stepper
+    (`SCHEDULERS`; "ddpm" is the official one). zero_snr: override the zero-terminal-SNR
+    choice. progress: called with the step index after each step (from inside the compiled
+    loop; this call's steps only).
 
-    Returns GenerateOutput(images uint8 (B,H,W,3), latents (steps,B,h,w,C) or None, decoded
-    (B,H,W,3) float32, timesteps).
+    Returns GenerateOutput(images uint8 (B,H,W,3), latents (K,B,h,w,C) or None, decoded
+    (B,H,W,3) float32, timesteps (K,)).
     """
-    if scheduler not in SCHEDULERS:
+    if scheduler not in STEPPERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {SCHEDULERS}")
     steps = int(steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    factor = model.vae.downsample_factor
-    person, garment, mask, densepose = _validate(person, garment, mask, densepose, factor)
-    b, h, w = person.shape[:3]
-    c = model.vae.config.latent_channels
-    lh, lw = h // factor, w // factor
-    rh, rw = garment.shape[1] // factor, garment.shape[2] // factor
-    schedule = leffa_schedule(model, zero_snr)
-    ts, prev = inference_timesteps(schedule, steps, scheduler)
-    if noise is None:
-        nz = draw_noise(seed, b, (lh, lw), (rh, rw), c, steps)
-    else:
-        nz = _check_noise(
-            noise,
-            {
-                "vae_sample_noise_masked": (b, lh, lw, c),
-                "vae_sample_noise_ref": (b, rh, rw, c),
-                "init_noise": (b, lh, lw, c),
-                "step_noise": (steps, b, lh, lw, c),
-            },
-        )
+    checks.check_settings(guidance=guidance, guidance_rescale=guidance_rescale)
+    person, garment, mask, densepose = _checked_inputs(model, person, garment, mask, densepose)
+    b = person.shape[0]
+    stepper = make_stepper(scheduler, leffa_schedule(model, zero_snr), steps)
+    nz = _noise_for_call(model, person, garment, steps, seed, noise)
     phi = float(guidance) if guidance_rescale is None else float(guidance_rescale)
-    mesh = _batch_mesh(b, shard)
+    mesh = batch_mesh(b, shard)
+    checks.check_memory(model, b // (mesh.size if mesh is not None else 1), *person.shape[1:3],
+                        jnp.dtype(_dtype(dtype)).itemsize, attention_kernel)
     opts = _Options(
-        scheduler=scheduler,
         rescale=phi != 0.0,
-        ref_acceleration=bool(ref_acceleration),
+        reference_step=steps // 2 if ref_acceleration else None,
         return_latents=bool(return_latents),
         compute_dtype=_dtype(dtype),
         vae_dtype=_dtype(vae_dtype),
         attention_kernel=attention_kernel,
         fuse_uncond_ref=mesh is None,
-        report_steps=progress is not None,
     )
     graphdef, state = nnx.split(model)
-    batch_args = [person, garment, mask, densepose, nz]
+    inputs = shard_batch((person, garment, mask, densepose), mesh)
+    nz = shard_batch(nz, mesh, {k: 1 if k == "step_noise" else 0 for k in nz})
     if mesh is not None:
-        data = NamedSharding(mesh, P("data"))
-        batch_args = [jax.device_put(a, data) for a in batch_args[:4]] + [
-            {
-                k: jax.device_put(
-                    v, NamedSharding(mesh, P(None, "data")) if k == "step_noise" else data
-                )
-                for k, v in nz.items()
-            }
-        ]
-        state = jax.device_put(state, NamedSharding(mesh, P()))
-    if progress is not None:
-        _PROGRESS.append(progress)
-    try:
-        images, lat, decoded = _sample(
-            graphdef,
-            state,
-            schedule,
-            *batch_args,
-            jnp.asarray(ts, jnp.int32),
-            jnp.asarray(prev, jnp.int32),
-            S.dpm_sigmas(schedule, ts) if scheduler == "dpmpp_2m" else None,
-            jnp.float32(guidance),
-            jnp.float32(phi),
-            opts=opts,
+        state = jax.device_put(state, sharding.replicated(mesh))
+    with progress_reporting(progress) as progress_id:
+        images, latents, decoded = _sample(
+            graphdef, state, *inputs, nz, stepper, jnp.float32(guidance), jnp.float32(phi),
+            progress_id, opts=opts,
         )
         images, decoded = np.asarray(images), np.asarray(decoded)
-        lat = None if lat is None else np.asarray(lat)
-    finally:
-        if progress is not None:
-            _PROGRESS.remove(progress)
+        latents = None if latents is None else np.asarray(latents)
+    checks.check_results(decoded, model, jnp.dtype(_dtype(dtype)).name)
     if repaint:
-        person_u8 = np.asarray(to_uint8(jnp.asarray(person)))
-        images = apply_repaint(person_u8, mask, images)
-    return GenerateOutput(images, lat, decoded, ts)
+        images = apply_repaint(to_uint8(person), mask, images)
+    return GenerateOutput(images, latents, decoded, np.asarray(stepper.timesteps, np.int64))

@@ -1,19 +1,14 @@
-"""Diffusion schedulers as pure functions of arrays (diffusers semantics, jit-able).
+"""Noise schedules as pure functions of arrays (diffusers semantics, jit-able).
 
 A `Schedule` holds the training noise schedule (betas, alphas_cumprod: float32 arrays, a pytree)
-plus static configuration. Inference timesteps are host-side integer arrays (the number of steps
-is static); every step function takes the current (and previous) timestep or the step index as
-traced integers, so a whole sampling loop can be one `lax.scan`:
+plus static configuration. This module builds it (`make_schedule`, `schedule_for_model`), spaces
+inference timesteps on the host (`set_timesteps`, `ddpm_timesteps`, `ddim_timesteps`,
+`dpm_timesteps`, `dpm_sigmas`) and holds the forward process used in training (`add_noise`,
+`get_velocity`, `predict_x0`). The denoising update rules (DDPM, DDIM, DPM-Solver++, UniPC,
+PNDM, DEIS) live in `leffa_jax.sampling.steppers`:
 
-    sched = make_schedule("scheduler_config.json")
-    ts, prev = ddpm_timesteps(sched, 30)          # leading + steps_offset: 958, 925, ..., 1
-    def body(x, xs):
-        t, pt, noise = xs
-        x, _ = ddpm_step(sched, model(x, t), x, t, pt, noise)
-        return x, None
-    x, _ = lax.scan(body, x_T, (ts, prev, noises))
-
-DPM-Solver++ 2M carries an explicit `DPMState` (previous data prediction and step index).
+    schedule = schedule_for_model(model)           # betas + zero-terminal-SNR, decided once
+    stepper = make_stepper("ddpm", schedule, 30)   # leading + steps_offset: 958, 925, ..., 1
 
 Conventions follow diffusers 0.42 exactly: betas built in float64 and stored in float32 (diffusers
 builds them in float32 torch; differences are ~1 ulp), step arithmetic in float32.
@@ -25,7 +20,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,23 +28,23 @@ import numpy as np
 
 __all__ = [
     "Schedule",
-    "DPMState",
     "linear_betas",
     "scaled_linear_betas",
     "rescale_betas_zero_snr",
     "make_schedule",
+    "schedule_for_model",
     "set_timesteps",
     "ddpm_timesteps",
     "ddim_timesteps",
     "dpm_timesteps",
+    "solver_alphas_cumprod",
     "dpm_sigmas",
-    "ddpm_step",
-    "ddim_step",
-    "dpm_solver_init",
-    "dpm_solver_step",
+    "broadcast_timestep",
+    "gather_at_timestep",
     "add_noise",
     "get_velocity",
     "predict_x0",
+    "uses_zero_terminal_snr",
 ]
 
 _F32 = jnp.float32
@@ -240,9 +235,9 @@ def set_timesteps(
 
 
 def ddpm_timesteps(schedule: Schedule, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, prev_timesteps), both (N,) int64, for `ddpm_step`: prev is the next entry of
-    the schedule and -1 after the last (DDPMScheduler.previous_timestep); for "leading" spacing
-    this is t - T // N."""
+    """(timesteps, prev_timesteps), both (N,) int64, for the ddpm stepper: prev is the next
+    entry of the schedule and -1 after the last (DDPMScheduler.previous_timestep); for
+    "leading" spacing this is t - T // N."""
     ts = set_timesteps(
         schedule.num_train_timesteps,
         num_inference_steps,
@@ -253,7 +248,7 @@ def ddpm_timesteps(schedule: Schedule, num_inference_steps: int) -> tuple[np.nda
 
 
 def ddim_timesteps(schedule: Schedule, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, prev_timesteps) for `ddim_step`: DDIMScheduler uses prev = t - T // N for
+    """(timesteps, prev_timesteps) for the ddim stepper: DDIMScheduler uses prev = t - T // N for
     every spacing."""
     ts = set_timesteps(
         schedule.num_train_timesteps,
@@ -295,13 +290,21 @@ def dpm_timesteps(
     return ts
 
 
-def dpm_sigmas(schedule: Schedule, timesteps, final_sigmas_type: str = "zero") -> jax.Array:
-    """(N+1,) float32 sigmas sqrt((1 - a) / a) at the timesteps, then the final sigma (0 for
-    "zero", sigma at t=0 for "sigma_min"). With zero-terminal-SNR, alphas_cumprod[-1] is
-    replaced by 2**-24 as DPMSolverMultistepScheduler does."""
+def solver_alphas_cumprod(schedule: Schedule) -> np.ndarray:
+    """(T,) float32 host copy of alphas_cumprod as the sigma-based solvers see it: with
+    zero-terminal-SNR the last entry (exactly 0) is replaced by 2**-24, as diffusers'
+    DPMSolverMultistep/UniPCMultistep schedulers do, so sigma = sqrt((1 - a) / a) stays finite."""
     ac = np.array(schedule.alphas_cumprod, np.float32)
     if schedule.rescale_betas_zero_snr:
         ac[-1] = np.float32(2.0**-24)
+    return ac
+
+
+def dpm_sigmas(schedule: Schedule, timesteps, final_sigmas_type: str = "zero") -> jax.Array:
+    """(N+1,) float32 sigmas sqrt((1 - a) / a) at the timesteps, then the final sigma (0 for
+    "zero", sigma at t=0 for "sigma_min"), from `solver_alphas_cumprod` (the table of
+    DPMSolverMultistep, UniPCMultistep and DEISMultistep; DEIS always ends at "sigma_min")."""
+    ac = solver_alphas_cumprod(schedule)
     sig = (((np.float32(1) - ac) / ac) ** np.float32(0.5)).astype(np.float32)
     ts = np.asarray(timesteps)
     s = np.interp(ts, np.arange(len(sig)), sig)
@@ -311,17 +314,18 @@ def dpm_sigmas(schedule: Schedule, timesteps, final_sigmas_type: str = "zero") -
         last = float(((1 - ac[0]) / ac[0]) ** 0.5)
     else:
         raise ValueError(
-            f"dpm_sigmas: final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}"
+            "dpm_sigmas: final_sigmas_type must be 'zero' or 'sigma_min', got "
+            f"{final_sigmas_type!r}"
         )
     return jnp.asarray(np.concatenate([s, [last]]).astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------------
-# Steps
+# Per-timestep lookups
 # --------------------------------------------------------------------------------------------
 
 
-def _bcast(x: jax.Array, ndim: int) -> jax.Array:
+def broadcast_timestep(x, ndim: int) -> jax.Array:
     """Scalar stays scalar; (B,) -> (B, 1, ..., 1) with `ndim` dims."""
     x = jnp.asarray(x)
     if x.ndim == 0:
@@ -331,212 +335,22 @@ def _bcast(x: jax.Array, ndim: int) -> jax.Array:
     return x.reshape(x.shape + (1,) * (ndim - 1))
 
 
-def _gather(table: jax.Array, t, ndim: int) -> jax.Array:
+def gather_at_timestep(table: jax.Array, t, ndim: int) -> jax.Array:
+    """table[t] for t a scalar or (B,) int (clipped to the table), broadcast to `ndim` dims."""
     t = jnp.asarray(t, jnp.int32)
-    return _bcast(table[jnp.clip(t, 0, table.shape[0] - 1)], ndim)
+    return broadcast_timestep(table[jnp.clip(t, 0, table.shape[0] - 1)], ndim)
 
 
 def predict_x0(schedule: Schedule, model_output, sample, t) -> jax.Array:
     """x0 from the model output at timestep t (scalar or (B,)) per the schedule's
     prediction_type, before any clipping."""
-    ap = _gather(schedule.alphas_cumprod, t, sample.ndim)
+    ap = gather_at_timestep(schedule.alphas_cumprod, t, sample.ndim)
     bp = 1 - ap
     if schedule.prediction_type == "epsilon":
         return (sample - bp**0.5 * model_output) / ap**0.5
     if schedule.prediction_type == "v_prediction":
         return ap**0.5 * sample - bp**0.5 * model_output
     return model_output
-
-
-def _clip(schedule: Schedule, x0):
-    if schedule.clip_sample:
-        return jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
-    return x0
-
-
-def ddpm_step(
-    schedule: Schedule, model_output, sample, t, prev_t, noise
-) -> tuple[jax.Array, jax.Array]:
-    """One ancestral DDPM step (DDPMScheduler.step, variance "fixed_small").
-
-    model_output, sample, noise: same shape (B, ...); t, prev_t: int scalars or (B,) (traced
-    ok), prev_t < 0 means alpha_prev = 1. Variance (1 - a_prev) / (1 - a_t) * beta_t clamped at
-    1e-20; noise is added wherever t > 0. Returns (prev_sample, pred_original_sample).
-    """
-    nd = sample.ndim
-    ap = _gather(schedule.alphas_cumprod, t, nd)
-    prev_t = jnp.asarray(prev_t, jnp.int32)
-    ap_prev = jnp.where(
-        _bcast(prev_t, nd) >= 0,
-        _gather(schedule.alphas_cumprod, prev_t, nd),
-        jnp.asarray(1.0, _F32),
-    )
-    bp = 1 - ap
-    bp_prev = 1 - ap_prev
-    cur_alpha = ap / ap_prev
-    cur_beta = 1 - cur_alpha
-    x0 = _clip(schedule, predict_x0(schedule, model_output, sample, t))
-    c0 = (ap_prev**0.5 * cur_beta) / bp
-    cs = cur_alpha**0.5 * bp_prev / bp
-    prev = c0 * x0 + cs * sample
-    var = jnp.maximum((1 - ap_prev) / (1 - ap) * cur_beta, 1e-20)
-    tpos = _bcast(jnp.asarray(t) > 0, nd)
-    prev = prev + jnp.where(tpos, var**0.5 * noise, jnp.zeros((), prev.dtype))
-    return prev.astype(sample.dtype), x0
-
-
-def ddim_step(
-    schedule: Schedule,
-    model_output,
-    sample,
-    t,
-    prev_t,
-    eta: float = 0.0,
-    noise=None,
-    use_clipped_model_output: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """One DDIM step (DDIMScheduler.step). prev_t from `ddim_timesteps` (t - T // N); prev_t < 0
-    uses `final_alpha_cumprod`. With eta > 0, `noise` (shape of sample) is required and
-    std = eta * sqrt(variance) is applied. Returns (prev_sample, pred_original_sample)."""
-    nd = sample.ndim
-    ap = _gather(schedule.alphas_cumprod, t, nd)
-    prev_t = jnp.asarray(prev_t, jnp.int32)
-    ap_prev = jnp.where(
-        _bcast(prev_t, nd) >= 0,
-        _gather(schedule.alphas_cumprod, prev_t, nd),
-        schedule.final_alpha_cumprod,
-    )
-    bp = 1 - ap
-    if schedule.prediction_type == "epsilon":
-        x0 = (sample - bp**0.5 * model_output) / ap**0.5
-        eps = model_output
-    elif schedule.prediction_type == "v_prediction":
-        x0 = ap**0.5 * sample - bp**0.5 * model_output
-        eps = ap**0.5 * model_output + bp**0.5 * sample
-    else:
-        x0 = model_output
-        eps = (sample - ap**0.5 * x0) / bp**0.5
-    x0 = _clip(schedule, x0)
-    bp_prev = 1 - ap_prev
-    variance = (bp_prev / bp) * (1 - ap / ap_prev)
-    std = eta * variance**0.5
-    if use_clipped_model_output:
-        eps = (sample - ap**0.5 * x0) / bp**0.5
-    direction = (1 - ap_prev - std**2) ** 0.5 * eps
-    prev = ap_prev**0.5 * x0 + direction
-    if not isinstance(eta, (int, float)) or eta > 0:
-        if noise is None:
-            raise ValueError("ddim_step: noise (shape of sample) is required when eta > 0")
-        prev = prev + std * noise
-    return prev.astype(sample.dtype), x0
-
-
-class DPMState(NamedTuple):
-    """DPM-Solver++ multistep state: previous data prediction (shape of sample, float32) and
-    the current step index (int32 scalar)."""
-
-    prev_x0: jax.Array
-    step: jax.Array
-
-
-def dpm_solver_init(sample) -> DPMState:
-    """Initial `DPMState` for a sample of this shape."""
-    return DPMState(jnp.zeros(jnp.shape(sample), _F32), jnp.zeros((), jnp.int32))
-
-
-def _alpha_sigma(sigma):
-    alpha = 1 / ((sigma**2 + 1) ** 0.5)
-    return alpha, sigma * alpha
-
-
-def dpm_solver_step(
-    schedule: Schedule,
-    sigmas: jax.Array,
-    state: DPMState,
-    model_output,
-    sample,
-    noise=None,
-    *,
-    algorithm_type: str = "dpmsolver++",
-    solver_type: str = "midpoint",
-    lower_order_final: bool = True,
-    euler_at_final: bool = False,
-    final_sigmas_type: str = "zero",
-) -> tuple[jax.Array, DPMState]:
-    """One DPM-Solver++ 2M step (DPMSolverMultistepScheduler.step, solver_order 2).
-
-    sigmas (N+1,) from `dpm_sigmas`; state.step is the index i of the current timestep (the
-    caller feeds the model timesteps[i]). First order at i == 0 and at the last step when
-    final_sigmas_type == "zero" / euler_at_final / (lower_order_final and N < 15); otherwise the
-    second-order multistep update with the previous data prediction. algorithm_type
-    "dpmsolver++" (deterministic) or "sde-dpmsolver++" (needs `noise`). Returns
-    (prev_sample, new_state); prev_sample has model_output's dtype.
-    """
-    if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
-        raise ValueError(f"dpm_solver_step: algorithm_type {algorithm_type!r} is not supported")
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(
-            f"dpm_solver_step: solver_type must be 'midpoint' or 'heun', got {solver_type!r}"
-        )
-    sde = algorithm_type == "sde-dpmsolver++"
-    if sde and noise is None:
-        raise ValueError("dpm_solver_step: noise is required for sde-dpmsolver++")
-    n = sigmas.shape[0] - 1
-    i = jnp.asarray(state.step, jnp.int32)
-    sample = sample.astype(_F32)
-    sig_t, sig_s0, sig_s1 = sigmas[i + 1], sigmas[i], sigmas[jnp.maximum(i - 1, 0)]
-    alpha_s0, sigma_s0 = _alpha_sigma(sig_s0)
-    alpha_t, sigma_t = _alpha_sigma(sig_t)
-    alpha_s1, sigma_s1 = _alpha_sigma(sig_s1)
-    # data prediction
-    if schedule.prediction_type == "epsilon":
-        x0 = (sample - sigma_s0 * model_output) / alpha_s0
-    elif schedule.prediction_type == "v_prediction":
-        x0 = alpha_s0 * sample - sigma_s0 * model_output
-    else:
-        x0 = model_output
-    x0 = x0.astype(_F32)
-    lam_t = jnp.log(alpha_t) - jnp.log(sigma_t)
-    lam_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
-    lam_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
-    h = lam_t - lam_s0
-    if sde:
-        noise = noise.astype(_F32)
-        first = (
-            (sigma_t / sigma_s0 * jnp.exp(-h)) * sample
-            + (alpha_t * (1 - jnp.exp(-2.0 * h))) * x0
-            + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * noise
-        )
-    else:
-        first = (sigma_t / sigma_s0) * sample - (alpha_t * (jnp.exp(-h) - 1.0)) * x0
-    h0 = lam_s0 - lam_s1
-    r0 = h0 / h
-    d0, d1 = x0, (1.0 / r0) * (x0 - state.prev_x0)
-    if sde:
-        base = (sigma_t / sigma_s0 * jnp.exp(-h)) * sample + (
-            alpha_t * (1 - jnp.exp(-2.0 * h))
-        ) * d0
-        if solver_type == "midpoint":
-            corr = 0.5 * (alpha_t * (1 - jnp.exp(-2.0 * h))) * d1
-        else:
-            corr = (alpha_t * ((1.0 - jnp.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
-        second = base + corr + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * noise
-    elif solver_type == "midpoint":
-        second = (
-            (sigma_t / sigma_s0) * sample
-            - (alpha_t * (jnp.exp(-h) - 1.0)) * d0
-            - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
-        )
-    else:
-        second = (
-            (sigma_t / sigma_s0) * sample
-            - (alpha_t * (jnp.exp(-h) - 1.0)) * d0
-            + (alpha_t * ((jnp.exp(-h) - 1.0) / h + 1.0)) * d1
-        )
-    final_first = euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero"
-    use_first = (i == 0) | ((i == n - 1) & final_first)
-    prev = jnp.where(use_first, first, second).astype(model_output.dtype)
-    return prev, DPMState(x0, i + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,14 +361,14 @@ def dpm_solver_step(
 def add_noise(schedule: Schedule, x0, noise, t) -> jax.Array:
     """Forward process q(x_t | x_0): sqrt(a_t) * x0 + sqrt(1 - a_t) * noise; t scalar or (B,)."""
     ac = schedule.alphas_cumprod.astype(x0.dtype)
-    a = _gather(ac, t, x0.ndim)
+    a = gather_at_timestep(ac, t, x0.ndim)
     return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
 def get_velocity(schedule: Schedule, sample, noise, t) -> jax.Array:
     """v-prediction target: sqrt(a_t) * noise - sqrt(1 - a_t) * sample; t scalar or (B,)."""
     ac = schedule.alphas_cumprod.astype(sample.dtype)
-    a = _gather(ac, t, sample.ndim)
+    a = gather_at_timestep(ac, t, sample.ndim)
     return a**0.5 * noise - (1 - a) ** 0.5 * sample
 
 
@@ -585,3 +399,15 @@ def uses_zero_terminal_snr(config_dir: str | os.PathLike) -> bool:
         with open(unet) as f:
             return json.load(f).get("addition_embed_type") == "text_time"
     return False
+
+
+def schedule_for_model(model, **overrides: Any) -> Schedule:
+    """THE noise schedule of a model (train, sample, evaluate and viz all call this): the betas
+    and flags of `model.scheduler_config()`, with zero-terminal-SNR per
+    `uses_zero_terminal_snr(model.config_dir)` (an official `.pth` with an SDXL base folder gets
+    it; SD1.5 does not). Keyword `overrides` (e.g. a config's `scheduler_overrides`, or an
+    explicit `rescale_betas_zero_snr`) win. `model` needs only `.config_dir` and
+    `.scheduler_config()`."""
+    overrides.setdefault("rescale_betas_zero_snr", uses_zero_terminal_snr(model.config_dir))
+    return make_schedule(model.scheduler_config(), **overrides)
+

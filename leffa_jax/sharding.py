@@ -110,9 +110,10 @@ def tree_shardings(tree, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, pref
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 4) -> NamedSharding:
-    """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 4, axis: int = 0) -> NamedSharding:
+    """Dimension `axis` (the batch; default the leading one) over ('data', 'fsdp'), the rest
+    replicated."""
+    return NamedSharding(mesh, P(*([None] * axis), BATCH_AXES, *([None] * (ndim - axis - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

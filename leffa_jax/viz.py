@@ -1,7 +1,7 @@
 """Pictures for debugging attention: flow fields (colour wheel), warped references, attention of
 chosen query points over the reference image, and PNG grids.
 
-    python -m leffa_jax.viz --checkpoint CKPT [--base-config DIR] --person P.png --garment G.png \
+    python -m leffa_jax.viz --checkpoint CKPT [--base-config DIR] --person P.png --garment G.png \\
         --mask M.png --densepose D.png --out DIR [--t 300] [--points "0.5,0.35;0.5,0.6"]
 
 Writes, per selected layer l: `flow_l{l:02d}.png` (colour-coded displacement from the identity:
@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from leffa_jax import checks, cli, imageio
 from leffa_jax import flow as flow_lib
+from leffa_jax.imageio import grid, resize_nearest, save_png, to_uint8
 
-
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    """(..., 3) in [-1, 1] -> uint8 (the pipeline's (x/2+0.5).clip(0,1)*255, rounded)."""
-    return np.round(np.clip(np.asarray(img, np.float32) / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
+__all__ = ["flow_to_rgb", "heatmap", "attention_overlay", "grid", "attention_pictures",
+           "load_input", "save_png", "to_uint8", "main"]
 
 
 def flow_to_rgb(flow: np.ndarray, max_disp: float | None = None) -> np.ndarray:
@@ -62,12 +62,6 @@ def heatmap(values: np.ndarray) -> np.ndarray:
     return np.round(rgb * 255).astype(np.uint8)
 
 
-def resize_nearest(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    ys = (np.arange(h) * img.shape[0]) // h
-    xs = (np.arange(w) * img.shape[1]) // w
-    return img[ys][:, xs]
-
-
 def attention_overlay(ref_uint8: np.ndarray, attn_row: np.ndarray, hw: tuple[int, int],
                       alpha: float = 0.6) -> np.ndarray:
     """Blend the attention of one query (M,) over the reference tokens (h*w) onto the image."""
@@ -83,66 +77,35 @@ def mark(img: np.ndarray, xy: tuple[float, float], colour=(0, 255, 0), r: int = 
     return out
 
 
-def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Tile uint8 images (all resized to the first image's size) into rows, white padding."""
-    h, w = rows[0][0].shape[:2]
-    ncol = max(len(r) for r in rows)
-    out = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            img = img if img.ndim == 3 else np.repeat(img[..., None], 3, -1)
-            if img.shape[:2] != (h, w):
-                img = resize_nearest(img, h, w)
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            out[y:y + h, x:x + w] = img[..., :3]
-    return out
-
-
-def save_png(path: str, img: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.asarray(img, np.uint8)).save(path)
-
-
 def attention_pictures(model, person, garment, mask, densepose, *, t: int = 300,
                        layers=None, points=((0.5, 0.35), (0.5, 0.6)), seed: int = 0,
                        tau: float = 2.0) -> dict[str, np.ndarray]:
     """Run the model once on one pair (arrays (1,H,W,C) in [-1,1], mask {0,1}) at timestep t and
     return named uint8 pictures. The noisy latent is the person's latent noised to t."""
-    from leffa_jax import schedulers
+    from leffa_jax.evaluate import probe_inputs
     from leffa_jax.objectives import attention_map_probe, flow_probe
 
     person, garment, mask, densepose = (jnp.asarray(x, jnp.float32)[None] if x.ndim == 3
                                         else jnp.asarray(x, jnp.float32)
                                         for x in (person, garment, mask, densepose))
-    sf = model.scaling_factor
-    f = model.vae.downsample_factor
-    k1 = jax.random.PRNGKey(seed)
-    latent = model.encode(person).mean * sf
-    masked = model.encode(person * (mask < 0.5)).mean * sf
-    ref = model.encode(garment).mean * sf
-    sched = schedulers.make_schedule(model.scheduler_config())
-    noisy = schedulers.add_noise(sched, latent, jax.random.normal(k1, latent.shape),
-                                 jnp.array([t]))
-    gen = jnp.concatenate([noisy, mask[:, ::f, ::f], masked, densepose[:, ::f, ::f]], -1)
+    gen, feats, t_batch = probe_inputs(model, person, garment, mask, densepose, t=t, seed=seed)
     nl = model.unet.num_transformer_layers
     layers = tuple(range(nl)) if layers is None else tuple(layers)
-    feats = model.reference_features(ref, jnp.array([t]))
-    _, flows = model.predict_noise(gen, jnp.array([t]), feats, return_probes=True,
+    _, flows = model.predict_noise(gen, t_batch, feats, return_probes=True,
                                    probe=flow_probe(layers, tau, fused=False))
     maps = None
     if points:
-        _, maps = model.predict_noise(gen, jnp.array([t]), feats, return_probes=True,
+        _, maps = model.predict_noise(gen, t_batch, feats, return_probes=True,
                                       probe=attention_map_probe(layers, 1.0))
     hh, ww = person.shape[1:3]
-    res = model.unet.layer_resolutions(latent.shape[1:3])
-    ref_u8 = to_uint8(garment[0])
-    per_u8 = to_uint8(person[0])
+    res = model.unet.layer_resolutions(gen.shape[1:3])
+    ref_u8 = to_uint8(np.asarray(garment[0]))
+    per_u8 = to_uint8(np.asarray(person[0]))
     out = {}
     for i in layers:
         grid_ = flow_lib.flow_to_image_size(flows[i], hh, ww)
         out[f"flow_l{i:02d}"] = flow_to_rgb(np.asarray(grid_[0]))
-        out[f"warped_l{i:02d}"] = to_uint8(flow_lib.warp(garment, grid_)[0])
+        out[f"warped_l{i:02d}"] = to_uint8(np.asarray(flow_lib.warp(garment, grid_)[0]))
         if not points:
             continue
         h, w = res[i]
@@ -159,52 +122,132 @@ def attention_pictures(model, person, garment, mask, densepose, *, t: int = 300,
     return out
 
 
-def load_image(path: str, hw: tuple[int, int] | None, *, mask: bool = False) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def load_input(path: str, hw: tuple[int, int] | None, *, mask: bool = False) -> np.ndarray:
+    """An image file -> (H, W, 3) float32 in [-1, 1], or a mask (H, W, 1) in {0, 1} (threshold
+    at half range), resized to hw (bicubic; masks nearest) when given."""
+    from PIL import Image
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image not found: {path}")
+    img = imageio.load_image(path, "L" if mask else "RGB")
+    if hw is not None and img.shape[:2] != tuple(hw):
+        resample = Image.NEAREST if mask else Image.BICUBIC
+        img = np.asarray(Image.fromarray(img).resize((hw[1], hw[0]), resample))
+    return (img[..., None] >= 128).astype(np.float32) if mask else imageio.to_model(img)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m leffa_jax.viz", description=__doc__,
+                                 formatter_class=cli.HelpFormatter)
+    arg = ap.add_argument
+    arg("--checkpoint", required=True,
+        help="official .pth/.safetensors (with --base-config) or a leffa_jax checkpoint folder")
+    arg("--base-config", default=None,
+        help="base config folder or bundled name (sd15-inpainting, sdxl-inpainting) for "
+             "official checkpoints")
+    arg("--person", required=True, help="person image (the generated/target side)")
+    arg("--garment", required=True, help="reference image (garment, or source person)")
+    arg("--mask", required=True, help="black/white mask in the person's frame (white = "
+                                      "region to generate)")
+    arg("--densepose", required=True, help="densepose image in the person's frame")
+    arg("--out", required=True, help="output folder for the PNGs (checked writable first)")
+    arg("--height", type=int, default=None,
+        help="model input height, a multiple of the VAE factor; unset: the person's")
+    arg("--width", type=int, default=None,
+        help="model input width, a multiple of the VAE factor; unset: the person's")
+    arg("--t", type=int, default=300, help="diffusion timestep the person latent is noised to, "
+                                           "0 .. num_train_timesteps - 1")
+    arg("--tau", type=float, default=2.0, help="softmax temperature of the flow (> 0)")
+    arg("--layers", default=None,
+        help="comma list of transformer layer indices, e.g. 0,3; unset: all layers")
+    arg("--points", default="0.5,0.35;0.5,0.6",
+        help="query points on the person as x,y in [0, 1] (0,0 = top left), separated by ';'")
+    return ap
+
+
+def parse_points(text: str) -> list[tuple[float, float]]:
+    """"x,y;x,y" -> [(x, y), ...], each coordinate in [0, 1]; "" -> no points."""
+    points = []
+    for item in (p.strip() for p in text.split(";")):
+        if not item:
+            continue
+        try:
+            x, y = (float(v) for v in item.split(","))
+        except ValueError:
+            raise cli.UsageError(f"--points: {item!r} is not x,y (two numbers, e.g. "
+                                 "0.5,0.35; points separated by ';')") from None
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise cli.UsageError(f"--points: {item!r} lies outside [0, 1] x [0, 1] (x, y are "
+                                 "fractions of the width and height)")
+        points.append((x, y))
+    return points
+
+
+def parse_layers(text: str | None, count: int | None = None) -> list[int] | None:
+    """"0,3" -> [0, 3] (None -> all), checked against the model's `count` layers."""
+    if text is None:
+        return None
     try:
-        img = Image.open(path)
-        img = img.convert("L" if mask else "RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image ({e})") from None
-    if hw is not None and img.size != (hw[1], hw[0]):
-        img = img.resize((hw[1], hw[0]), Image.NEAREST if mask else Image.BICUBIC)
-    a = np.asarray(img, np.float32) / 255.0
-    return (a[..., None] >= 0.5).astype(np.float32) if mask else a * 2 - 1
+        layers = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise cli.UsageError(f"--layers {text!r}: give a comma list of integers, e.g. 0,3") \
+            from None
+    bad = [i for i in layers if count is not None and not 0 <= i < count]
+    if not layers or bad:
+        raise cli.UsageError(f"--layers {text!r}: the model has {count} transformer layers, "
+                             f"indices 0..{(count or 1) - 1}")
+    return layers
+
+
+def run(args) -> int:
+    """Check the request, run the model once, write the pictures; -> how many."""
+    from leffa_jax.model import LeffaModel
+
+    points = parse_points(args.points)
+    parse_layers(args.layers)
+    cli.finite("--tau", args.tau)
+    if args.tau <= 0:
+        raise cli.UsageError(f"--tau must be > 0, got {args.tau:g}")
+    if args.t < 0:
+        raise cli.UsageError(f"--t must be >= 0, got {args.t}")
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value <= 0:
+            raise cli.UsageError(f"{name} must be positive, got {value}")
+    cli.check_output_folder(args.out)
+    raw = {name: imageio.load_image(getattr(args, name), "L" if name == "mask" else "RGB")
+           for name in ("person", "garment", "mask", "densepose")}  # bad files fail here
+    for name in ("mask", "densepose"):
+        imageio.check_same_frame(raw["person"].shape[:2], raw[name].shape[:2], args.person,
+                                 getattr(args, name), name)
+    model = LeffaModel.from_pretrained(args.checkpoint, args.base_config)
+    horizon = int(model.scheduler_config().get("num_train_timesteps", 1000))
+    if args.t >= horizon:
+        raise cli.UsageError(f"--t must be < {horizon} (the model's num_train_timesteps), "
+                             f"got {args.t}")
+    layers = parse_layers(args.layers, model.unet.num_transformer_layers)
+    factor = model.vae.downsample_factor
+    hw = (args.height or raw["person"].shape[0], args.width or raw["person"].shape[1])
+    if hw[0] <= 0 or hw[1] <= 0 or hw[0] % factor or hw[1] % factor:
+        raise cli.UsageError(f"the model input size {hw[0]}x{hw[1]} must be positive multiples "
+                             f"of {factor} (the VAE factor): give --height/--width")
+    checks.check_memory(model, 1, *hw, fix="give a smaller --height/--width")
+    pics = attention_pictures(
+        model, load_input(args.person, hw), load_input(args.garment, hw),
+        load_input(args.mask, hw, mask=True), load_input(args.densepose, hw), t=args.t,
+        tau=args.tau, layers=layers, points=points)
+    for name, img in pics.items():
+        save_png(os.path.join(args.out, f"{name}.png"), img)
+    return len(pics)
 
 
 def main(argv=None) -> int:
-    from leffa_jax.model import LeffaModel
+    from leffa_jax.weights.tensor_io import CheckpointError
 
-    ap = argparse.ArgumentParser(prog="python -m leffa_jax.viz", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--base-config", default=None)
-    for name in ("person", "garment", "mask", "densepose"):
-        ap.add_argument(f"--{name}", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--height", type=int, default=None)
-    ap.add_argument("--width", type=int, default=None)
-    ap.add_argument("--t", type=int, default=300)
-    ap.add_argument("--tau", type=float, default=2.0)
-    ap.add_argument("--layers", default=None, help="comma list of layer indices (default all)")
-    ap.add_argument("--points", default="0.5,0.35;0.5,0.6",
-                    help="query points as x,y in [0,1], separated by ';'")
-    args = ap.parse_args(argv)
-    model = LeffaModel.from_pretrained(args.checkpoint, args.base_config)
-    person = load_image(args.person, None)
-    hw = (args.height or person.shape[0], args.width or person.shape[1])
-    person = load_image(args.person, hw)
-    pics = attention_pictures(
-        model, person, load_image(args.garment, hw), load_image(args.mask, hw, mask=True),
-        load_image(args.densepose, hw), t=args.t, tau=args.tau,
-        layers=None if args.layers is None else [int(x) for x in args.layers.split(",")],
-        points=[tuple(map(float, p.split(","))) for p in args.points.split(";")])
-    os.makedirs(args.out, exist_ok=True)
-    for name, img in pics.items():
-        save_png(os.path.join(args.out, f"{name}.png"), img)
-    print(f"wrote {len(pics)} pictures to {args.out}")
+    args = build_parser().parse_args(argv)
+    try:
+        count = run(args)
+    except (cli.UsageError, FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"leffa_jax.viz: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} pictures to {args.out}")
     return 0
 
 

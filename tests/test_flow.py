@@ -125,8 +125,6 @@ def test_flow_shape_errors():
         fl.flow_from_qk(q, k[:, :1], 3, 4)
     with pytest.raises(ValueError, match="q must be"):
         fl.attention_map(q[0], k)
-    with pytest.raises(ValueError, match="2\\*h\\*w"):
-        fl.flow_from_self_attention(q, k, 3, 4)
 
 
 # ------------------------------------------------------------------ resampling vs torch
@@ -221,6 +219,16 @@ def _fixture_layers(fx):
     return out
 
 
+def _flow_from_concatenated(q, k, h, w, tau=2.0, *, fused=True, chunk_size=None):
+    """The fixture's q, k are the generative self-attention's (B, heads, 2N, d) over tokens
+    [generated | reference]: queries of the generated half against keys of the reference half."""
+    n = h * w
+    q_gen, k_ref = q[:, :, :n], k[:, :, n:]
+    if fused:
+        return fl.flow_from_qk(q_gen, k_ref, h, w, tau, chunk_size=chunk_size)
+    return fl.flow_from_attention(fl.attention_map(q_gen, k_ref, tau), h, w)
+
+
 def test_loss_fixture_flows_and_layer_losses(loss_fx):
     fx = loss_fx
     tau = float(fx["tau"])
@@ -231,7 +239,7 @@ def test_loss_fixture_flows_and_layer_losses(loss_fx):
     assert [(h, w) for _, _, h, w in layers] == [(16, 12), (8, 6), (16, 12), (16, 12)]
     for i, (q, k, h, w) in enumerate(layers):
         for fused in (True, False):
-            f = fl.flow_from_self_attention(q, k, h, w, tau, fused=fused, chunk_size=64)
+            f = _flow_from_concatenated(q, k, h, w, tau, fused=fused, chunk_size=64)
             grid = fl.flow_to_image_size(f, hh, ww)
             np.testing.assert_allclose(np.asarray(grid), fx[f"flow_{i:02d}"], atol=1e-4)
         ll = fl.layer_loss(fl.warp(ref, grid), img, mask, "smooth_l1")
@@ -249,7 +257,7 @@ def test_loss_fixture_totals(loss_fx):
     @jax.jit
     def total_smooth_l1(qks):
         flows = [
-            fl.flow_from_self_attention(q, k, h, w, tau)
+            _flow_from_concatenated(q, k, h, w, tau)
             for (q, k), (_, _, h, w) in zip(qks, layers, strict=True)
         ]
         return fl.leffa_loss(flows, ref, img, mask, ts, lam=lam, t_threshold=thr, kind="smooth_l1")
@@ -257,7 +265,7 @@ def test_loss_fixture_totals(loss_fx):
     @jax.jit
     def total_l2(qks):
         flows = [
-            fl.flow_from_self_attention(q, k, h, w, tau)
+            _flow_from_concatenated(q, k, h, w, tau)
             for (q, k), (_, _, h, w) in zip(qks, layers, strict=True)
         ]
         return fl.leffa_loss(flows, ref, img, mask, ts, lam=lam, t_threshold=thr, kind="l2")
@@ -282,7 +290,7 @@ def test_leffa_loss_gradients_flow_to_qk(loss_fx):
     ts = np.array([100, 100])
 
     def loss(q, k, fused):
-        f = fl.flow_from_self_attention(q, k, h, w, 2.0, fused=fused)
+        f = _flow_from_concatenated(q, k, h, w, 2.0, fused=fused)
         return fl.leffa_loss([f], ref, img, mask, ts)
 
     gf = jax.grad(loss, (0, 1))(q, k, True)

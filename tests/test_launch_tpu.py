@@ -53,7 +53,7 @@ def remote(cmd):
 
 
 BASE = ["--name", "my-tpu", "--zone", "us-east5-a", "--project", "proj",
-        "--config", "configs/tryon_512.py", "--workdir", "gs://bucket/runs/a b"]
+        "--config", "leffa_jax/configs/tryon_512.py", "--workdir", "gs://bucket/runs/a b"]
 
 
 def test_bash_syntax():
@@ -95,7 +95,8 @@ def test_dry_run_create_install_train(bindir):
     assert words[:6] == ["env", "-u", "XLA_FLAGS", "JAX_PLATFORMS=tpu", "LEFFA_MULTIHOST=1",
                          "PYTHONUNBUFFERED=1"]
     assert words[6:] == [".venv/bin/python", "-m", "leffa_jax.train",
-                         "--config", "configs/tryon_512.py", "--workdir", "gs://bucket/runs/a b",
+                         "--config", "leffa_jax/configs/tryon_512.py",
+                         "--workdir", "gs://bucket/runs/a b",
                          "--config.batch_size=512", "--config.num_steps=10",
                          "--config.run_name=it's one"]
     assert remote(train).startswith("cd leffa_jax_repo")
@@ -122,7 +123,7 @@ def test_dry_run_reuse_repo_url(bindir):
     inst = remote(install)
     assert "git clone --depth 1 --branch dev https://example.com/leffa_jax.git leffa_jax_repo" in inst
     assert "fetch --depth 1 origin dev" in inst
-    assert "leffa_jax.train --config configs/tryon_512.py" in remote(train)
+    assert "leffa_jax.train --config leffa_jax/configs/tryon_512.py" in remote(train)
 
 
 def test_dry_run_actions(bindir):
@@ -187,7 +188,7 @@ def test_fake_gcloud_local_tree(bindir, tmp_path):
     assert calls[1][4:] == ["my-tpu", "--zone", "us-east5-a", "--project", "proj",
                             "--accelerator-type", "v4-32", "--version", "tpu-ubuntu2204-base"]
     assert all("--worker=all" in c for c in calls[2:])
-    assert "leffa_jax.train --config configs/tryon_512.py" in calls[4][-1]
+    assert "leffa_jax.train --config leffa_jax/configs/tryon_512.py" in calls[4][-1]
     assert "--x=1" in calls[4][-1]
     packed = set(pathlib.Path(tmp_path / "gcloud.log.tar").read_text().split())
     assert packed == {"leffa_jax/train.py", ".gitignore"}
@@ -236,8 +237,9 @@ def test_remote_start_stop_commands_run(bindir, tmp_path, shell):
         if "ARGS" in logf.read_text():
             break
         time.sleep(0.05)
-    assert ("ARGS -m leffa_jax.train --config configs/tryon_512.py --workdir gs://bucket/runs/a b "
-            "--config.a=1 MULTI=1 PLAT=tpu XLA=unset") in logf.read_text()
+    assert ("ARGS -m leffa_jax.train --config leffa_jax/configs/tryon_512.py "
+            "--workdir gs://bucket/runs/a b --config.a=1 MULTI=1 PLAT=tpu XLA=unset"
+            ) in logf.read_text()
     r2 = sh(start)  # a second start refuses while the first runs
     assert r2.returncode != 0 and "already training" in r2.stderr
     r3 = sh(stop)

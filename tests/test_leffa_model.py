@@ -44,7 +44,7 @@ def test_official_forward(tmp_path, monkeypatch, name, conv_path):
 
 
 def test_not_a_leffa_checkpoint(tmp_path):
-    from leffa_jax import convert
+    from leffa_jax.weights import CheckpointError
 
-    with pytest.raises(convert.CheckpointError, match="leffa_jax.json"):
+    with pytest.raises(CheckpointError, match="leffa_jax.json"):
         LeffaModel.from_pretrained(str(tmp_path))

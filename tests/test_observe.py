@@ -4,17 +4,14 @@ import glob
 import io
 import os
 import struct
-import sys
 
 import jax
 import numpy as np
-from conftest import REPO
 from PIL import Image
 
-from leffa_jax import observe, train
-
-sys.path.insert(0, str(REPO / "configs"))
-import synthetic_tiny  # noqa: E402
+from leffa_jax import observe
+from leffa_jax.configs import synthetic_tiny
+from leffa_jax.systems import make_task
 
 
 def read_events(logdir: str) -> list:
@@ -80,13 +77,14 @@ def test_image_grid_png_and_event(tmp_path):
     from leffa_jax.data import pipeline as dp
 
     c = _config()
-    model = train.init_model(c)
-    _, params, (_, vae_params) = train.split_model(model)
+    task = make_task(c)
+    model = task.init_model()
+    params, frozen = task.prepare(model)
     batch = next(iter(dp.make_dataset(c.data, "train", process_index=0, process_count=1)))
     h, w = c.data.height, c.data.width
     log = observe.Logger(str(tmp_path), c, flops=None, start=0, total=10)
     ema = observe.host_params(params)
-    log.images(10, model, ema, observe.host_params(vae_params), batch, c)
+    log.images(10, task.image_row(model, ema, observe.host_params(frozen), batch))
     log.close()
 
     png = np.asarray(Image.open(tmp_path / "images" / "step_0000010.png"))
@@ -115,3 +113,17 @@ def test_image_grid_png_and_event(tmp_path):
     decoded = np.asarray(Image.open(io.BytesIO(images[0].image.encoded_image_string)))
     np.testing.assert_array_equal(decoded[..., :3], png)
 
+
+
+def test_metric_names_come_from_the_metrics(tmp_path):
+    """No fixed metric list: a task's own terms become `loss/<name>`, bookkeeping is skipped."""
+    c = _config()
+    log = observe.Logger(str(tmp_path), c, flops=None, start=0, total=10)
+    log.log({"step": 9, "loss": 0.75, "kl": 0.5, "recon": 0.25, "grad_norm": 1.5, "lr": 1e-4,
+             "finite": True})
+    log.close()
+    tags = {v.tag: v.simple_value for ev in read_events(str(tmp_path / "tb"))
+            for v in ev.summary.value}
+    assert tags["loss/total"] == 0.75 and tags["loss/kl"] == 0.5 and tags["loss/recon"] == 0.25
+    assert tags["train/grad_norm"] == 1.5
+    assert not {"loss/mse", "loss/leffa", "loss/finite", "loss/step"} & set(tags)

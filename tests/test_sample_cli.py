@@ -92,7 +92,9 @@ def test_pairs_in_batches(files, tmp_path):
     ]
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("\n".join(lines) + "\n")
-    rc = main(base_args(ckpt, tmp_path / "out", pairs=pairs, batch_size=2, repaint=True))
+    # line 3's person is the square garment photo: its mask and densepose are stretched onto it
+    rc = main(base_args(ckpt, tmp_path / "out", pairs=pairs, batch_size=2, repaint=True,
+                        stretch_to_person=True))
     assert rc == 0
     names = sorted(x.name for x in (tmp_path / "out").iterdir())
     assert names == ["densepose__garment.png", "garment__person.png", "person__garment.png"]

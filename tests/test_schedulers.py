@@ -1,4 +1,6 @@
-"""leffa_jax.schedulers against diffusers' PyTorch schedulers, computed in the test."""
+"""leffa_jax.schedulers (and the DDPM/DDIM/DPM-Solver++ step functions of
+leffa_jax.sampling.steppers_classic) against diffusers' PyTorch schedulers, computed in the test.
+The `Stepper` interface over all six update rules is tested in test_steppers.py."""
 
 import json
 
@@ -9,6 +11,7 @@ import pytest
 from jax import lax
 
 from leffa_jax import schedulers as S
+from leffa_jax.sampling import steppers_classic as C
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -181,7 +184,7 @@ def test_ddpm_trajectory(cfg):
 
     def body(x, xs):
         t, pt, e, z = xs
-        x, _ = S.ddpm_step(s, e, x, t, pt, z)
+        x, _ = C.ddpm_step(s, e, x, t, pt, z)
         return x, x
 
     _, traj = _scan(body, jnp.asarray(x_t), (jnp.asarray(ts), jnp.asarray(prev), eps, noise))
@@ -204,7 +207,7 @@ def test_ddpm_step_single_matches_tightly():
             out = ref.step(torch.tensor(eps[0]), int(ts[i]), torch.tensor(x_t))
         finally:
             mod.randn_tensor = orig
-        got, x0 = jax.jit(S.ddpm_step)(s, eps[0], x_t, ts[i], prev[i], noise[0])
+        got, x0 = jax.jit(C.ddpm_step)(s, eps[0], x_t, ts[i], prev[i], noise[0])
         np.testing.assert_allclose(np.asarray(got), out.prev_sample.numpy(), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(
             np.asarray(x0), out.pred_original_sample.numpy(), rtol=1e-6, atol=1e-6
@@ -216,9 +219,9 @@ def test_ddpm_step_per_sample_timesteps():
     x_t, eps, noise = _fake_model_outputs(1)
     t = np.array([500, 0])
     pt = np.array([450, -1])
-    got, _ = S.ddpm_step(s, eps[0], x_t, t, pt, noise[0])
+    got, _ = C.ddpm_step(s, eps[0], x_t, t, pt, noise[0])
     for b in range(2):
-        one, _ = S.ddpm_step(s, eps[0][b : b + 1], x_t[b : b + 1], t[b], pt[b], noise[0][b : b + 1])
+        one, _ = C.ddpm_step(s, eps[0][b : b + 1], x_t[b : b + 1], t[b], pt[b], noise[0][b : b + 1])
         np.testing.assert_allclose(np.asarray(got[b : b + 1]), np.asarray(one), atol=1e-7)
 
 
@@ -250,7 +253,7 @@ def test_ddim_trajectory(cfg, eta):
 
     def body(x, xs):
         t, pt, e, z = xs
-        x, _ = S.ddim_step(s, e, x, t, pt, eta=eta, noise=z)
+        x, _ = C.ddim_step(s, e, x, t, pt, eta=eta, noise=z)
         return x, x
 
     _, traj = _scan(body, jnp.asarray(x_t), (jnp.asarray(ts), jnp.asarray(prev), eps, noise))
@@ -299,11 +302,11 @@ def test_dpm_solver_trajectory(cfg, kw, n):
     def body(carry, xs):
         x, st = carry
         e, z = xs
-        x, st = S.dpm_solver_step(s, sig, st, e, x, z, **kw)
+        x, st = C.dpm_solver_step(s, sig, st, e, x, z, **kw)
         return (x, st), x
 
     x0 = jnp.asarray(x_t)
-    (_, st), traj = _scan(body, (x0, S.dpm_solver_init(x0)), (eps, noise))
+    (_, st), traj = _scan(body, (x0, C.dpm_solver_init(x0)), (eps, noise))
     assert int(st.step) == n
     # sigma = sqrt((1 - a) / a) near t = 0 amplifies the ~1e-7 alphas_cumprod difference (ours
     # built in float64, diffusers' in float32) to ~3e-6 relative: allow 2e-6 here

@@ -1,6 +1,12 @@
-"""Training: identical losses over meshes, FSDP memory, SIGKILL resume bit-identity, NaN guard."""
+"""Training: identical losses over meshes, FSDP memory, SIGKILL resume bit-identity, NaN guard.
 
+Run as a script, this file is the SIGKILL test's trainer: the real CLI (`train.run_cli`) plus
+loop hooks that SIGKILL the process where LEFFA_TEST_KILL_* say (the loop body has no test code).
+"""
+
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,10 +16,12 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from leffa_jax import sharding, train
-
-sys.path.insert(0, str(REPO / "configs"))
-import synthetic_tiny  # noqa: E402
+from leffa_jax import sharding
+from leffa_jax.configs import synthetic_tiny
+from leffa_jax.systems.leffa import LeffaTask
+from leffa_jax.training import loop
+from leffa_jax.training.state import init_state, make_optimizer
+from leffa_jax.training.step import compile_step, make_train_step
 
 
 def tiny_config(**over):
@@ -34,28 +42,33 @@ def tiny_config(**over):
     return c
 
 
+def leffa_step(c):
+    """(task, train_step, state at step 0, frozen params) of the Leffa task for config `c`."""
+    task = LeffaTask(c)
+    params, frozen = task.prepare(task.init_model())
+    tx, lr = make_optimizer(c.train)
+    step = make_train_step(task.loss, tx, lr, grad_accum=c.train.grad_accum,
+                           ema_decay=c.train.ema_decay, ema_warmup=c.train.ema_warmup)
+    return task, step, init_state(params, tx, 0), frozen
+
+
 def _losses_on_mesh(mesh_shape, steps=5):
     c = tiny_config()
-    model = train.init_model(c)
-    gds, params, (vae_gd, vae_params) = train.split_model(model)
-    from leffa_jax import schedulers
     from leffa_jax.data import pipeline as dp
 
-    sched = schedulers.make_schedule(model.scheduler_config())
-    tx, lr = train.make_optimizer(c)
-    step = train.make_train_step(gds, vae_gd, sched, tx, lr, c, (32, 24))
-    state = train.init_state(params, tx, 0)
+    task, step, state, frozen = leffa_step(c)
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.make_mesh(mesh_shape, devices)
     it = iter(dp.make_dataset(c.data, "train", process_index=0, process_count=1))
-    batches = [dp.shard_batch(train._select_batch(next(it)), mesh) for _ in range(steps)]
-    fn, (st_sh, vae_sh, _) = train.compile_step(step, state, vae_params, batches[0], mesh,
-                                                 min_shard_size=0)
+    batches = [dp.shard_batch(loop.select_batch(next(it), task.batch_shapes()), mesh)
+               for _ in range(steps)]
+    fn, (st_sh, frozen_sh, _) = compile_step(step, state, frozen, batches[0], mesh,
+                                             min_shard_size=0)
     state = jax.device_put(state, st_sh)
-    vae_params = jax.device_put(vae_params, vae_sh)
+    frozen = jax.device_put(frozen, frozen_sh)
     losses = []
     for b in batches:
-        state, m = fn(state, vae_params, b)
+        state, m = fn(state, frozen, b)
         losses.append(float(m["loss"]))
     return losses, state
 
@@ -81,30 +94,26 @@ def test_meshes_give_same_losses(reference_run, mesh_shape):
 
 def test_non_finite_step_is_not_applied_and_named():
     c = tiny_config()
-    model = train.init_model(c)
-    gds, params, (vae_gd, vae_params) = train.split_model(model)
-    from leffa_jax import schedulers
-
-    tx, lr = train.make_optimizer(c)
-    step = jax.jit(train.make_train_step(gds, vae_gd, schedulers.make_schedule(
-        model.scheduler_config()), tx, lr, c, (32, 24)))
-    state = train.init_state(params, tx, 0)
+    _, step, state, frozen = leffa_step(c)
+    step = jax.jit(step)
     batch = {k: jnp.zeros((8, 32, 24, n)) for k, n in
              (("person", 3), ("garment", 3), ("mask", 1), ("densepose", 3), ("garment_mask", 1))}
     batch["person"] = batch["person"].at[3].set(jnp.nan)
-    new, m = step(state, vae_params, batch)
+    new, m = step(state, frozen, batch)
     assert not bool(m["finite"])
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(train.NonFiniteLossError, match=r"step 1 .*indices \[8, 9, 10"):
-        train._check((m, np.arange(8, 16)), None)
+    with pytest.raises(loop.NonFiniteLossError, match=r"step 1 .*indices \[8, 9, 10"):
+        loop.check_metrics(m, np.arange(8, 16))
 
 
 def _run(workdir, steps, cache_dir, env_extra=None, extra_args=()):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                **(env_extra or {}))
-    args = [sys.executable, "-m", "leffa_jax.train", "--config",
-            str(REPO / "configs" / "synthetic_tiny.py"), "--workdir", str(workdir),
+    # the CLI itself; this file as the trainer when a run is to be killed (see the bottom)
+    entry = [__file__] if env_extra else ["-m", "leffa_jax.train"]
+    args = [sys.executable, *entry, "--config",
+            str(REPO / "leffa_jax" / "configs" / "synthetic_tiny.py"), "--workdir", str(workdir),
             f"--config.train.steps={steps}", "--config.checkpoint.every=2",
             "--config.data.height=32", "--config.data.width=24",
             "--config.data.synthetic.height=32", "--config.data.synthetic.width=24",
@@ -139,6 +148,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (base / "images" / "step_0000006.png").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (base / "tb").iterdir())
+    # the trained export records the size it was trained at; sampling defaults to it
+    assert json.loads((base / "export" / "leffa_jax.json").read_text())["resolution"] == [32, 24]
 
     work = tmp_path / "killed"
     r = _run(work, 6, cache, {"LEFFA_TEST_KILL_IN_SAVE_AT_STEP": "4"})
@@ -153,3 +164,22 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     want, got = _final_state(base, 6), _final_state(work, 6)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def _kill_hooks_from_env():
+    """Loop hooks: SIGKILL after dispatching step LEFFA_TEST_KILL_AT_STEP, or right after the
+    save of step LEFFA_TEST_KILL_IN_SAVE_AT_STEP started."""
+    at_step = int(os.environ.get("LEFFA_TEST_KILL_AT_STEP", "0"))
+    in_save = int(os.environ.get("LEFFA_TEST_KILL_IN_SAVE_AT_STEP", "0"))
+
+    def kill(event, step):
+        if (event, step) in (("step", at_step), ("save", in_save)):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return [kill]
+
+
+if __name__ == "__main__":
+    from leffa_jax import train
+
+    train.run_cli(hooks=_kill_hooks_from_env())

@@ -44,3 +44,32 @@ def test_cli_writes_pictures(tmp_path):
     assert names == ["attention_l00.png", "attention_l03.png", "flow_l00.png", "flow_l03.png",
                      "overview.png", "warped_l00.png", "warped_l03.png"]
     assert Image.open(out / "flow_l00.png").size == (24, 32)
+
+
+def test_probe_inputs_use_the_model_schedule():
+    """An official checkpoint with an SDXL base folder: evaluate/viz noise the latent with the
+    zero-terminal-SNR schedule, as training and sampling do (diffusers' DDPMScheduler with
+    rescale_betas_zero_snr=True as the reference; at t = 999 the latent is pure noise)."""
+    import jax
+    import torch
+    from diffusers import DDPMScheduler
+
+    from leffa_jax.evaluate import probe_inputs
+    from leffa_jax.model import LeffaModel
+
+    base = shared_path("fixtures", "leffa_official", "sdxl_tiny")
+    model = LeffaModel.from_pretrained(base / "weights.safetensors",
+                                       base / "config" / "stable-diffusion-xl-1.0-inpainting-0.1-tiny")
+    rng = np.random.default_rng(0)
+    person, garment, densepose = rng.uniform(-1, 1, (3, 1, 32, 24, 3)).astype(np.float32)
+    mask = np.zeros((1, 32, 24, 1), np.float32)
+    mask[:, 8:24, 4:20] = 1
+    sched = DDPMScheduler.from_config(model.scheduler_config(), rescale_betas_zero_snr=True)
+    latent = np.asarray(model.encode(person).mean) * model.scaling_factor
+    noise = np.array(jax.random.normal(jax.random.PRNGKey(0), latent.shape))
+    for t in (999, 300):
+        gen, feats, t_batch = probe_inputs(model, person, garment, mask, densepose, t=t)
+        want = sched.add_noise(torch.from_numpy(latent), torch.from_numpy(noise),
+                               torch.tensor([t])).numpy()
+        np.testing.assert_allclose(np.asarray(gen[..., :4]), want, rtol=1e-5, atol=1e-5)
+        assert gen.shape[-1] == 12 and t_batch.tolist() == [t]

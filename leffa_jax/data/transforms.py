@@ -25,6 +25,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from leffa_jax import imageio
 from leffa_jax.data import common, masks
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -32,20 +33,15 @@ ASPECT_TOLERANCE = 0.02
 
 
 def decode_image(data: bytes, path: str, mode: str = "RGB") -> np.ndarray:
-    """Decode encoded image bytes to uint8 (H, W, 3) for RGB or (H, W) for L/P; names the file."""
+    """Decode encoded image bytes to uint8 (H, W, 3) for RGB or (H, W) for L/P (palette indices
+    kept) with the library's one decoder, `imageio.decode_image`; names the file."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if mode == "P":  # label maps: keep the palette indices
-                out = np.asarray(im if im.mode in ("P", "L") else im.convert("L"))
-            else:
-                out = np.asarray(im.convert(mode))
-    except Exception as e:  # PIL raises several types for truncated/corrupt files
+        return imageio.decode_image(data, path, mode)
+    except ValueError as e:
         raise common.DataError(
-            f"corrupt or unreadable image: {path} ({type(e).__name__}: {e}). Re-extract it "
-            "from the dataset archive or set data.on_bad_sample='skip'."
+            f"corrupt or unreadable image: {e}. Re-extract it from the dataset archive or set "
+            "data.on_bad_sample='skip'."
         ) from e
-    return out
 
 
 # np.load parses the .npy header with ast.literal_eval, which is not thread-safe in CPython 3.11

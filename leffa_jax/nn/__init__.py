@@ -1,1 +1,1 @@
-"""Flax NNX building blocks whose module tree mirrors diffusers (see convert.py)."""
+"""Flax NNX building blocks whose module trees mirror diffusers (see leffa_jax/weights/)."""

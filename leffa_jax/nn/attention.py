@@ -8,8 +8,9 @@ Kernels (`ATTENTION_KERNELS`):
 - "cudnn":   `jax.nn.dot_product_attention(implementation="cudnn")` (fused flash kernel on
              NVIDIA GPUs, bf16/fp16 only).
 
-The generative UNet's reference concatenation is expressed in the INPUT (keys/values =
-[own tokens; reference tokens]), never as a special kernel.
+`Attention` is the one attention module of the transformer blocks: reference tokens appended to
+the keys/values (Leffa, Magic Clothing) and decoupled image-prompt attention (IP-Adapter,
+StoryMaker) are inputs of its single code path, never special kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from leffa_jax.nn.layers import Linear
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -57,3 +61,76 @@ def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
     b, nq, c = q.shape
     out = fn(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
     return out.reshape(b, nq, c)
+
+
+def heads_first(x: jax.Array, heads: int) -> jax.Array:
+    """(B, N, heads*d) -> (B, heads, N, d): the layout probes receive."""
+    return split_heads(x, heads).transpose(0, 2, 1, 3)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, kernel: str = "xla",
+                   remat: bool = False) -> jax.Array:
+    """`multihead_attention`, under gradient checkpointing when `remat`."""
+    if remat:
+        return jax.checkpoint(multihead_attention, static_argnums=(3, 4))(q, k, v, heads, kernel)
+    return multihead_attention(q, k, v, heads, kernel)
+
+
+# probe(branch, q, k) -> None, called once per softmax of an `Attention` call with per-head,
+# unscaled projections q (B, heads, N, d) and k (B, heads, M, d). branch "main": the keys of
+# `context` (or of the queries' own tokens) followed by `extra_tokens`; "decoupled": the keys of
+# `ip_tokens` through `to_k_ip`.
+AttentionHook = Callable[[str, jax.Array, jax.Array], None]
+
+
+class Attention(nnx.Module):
+    """diffusers `Attention` (to_q/to_k/to_v without bias, `to_out.0` with bias), one code path
+    for every use of it in a transformer block:
+
+        out = to_out.0( attn(q, K(src), V(src)) + ip_scale * attn(q, K_ip(ip), V_ip(ip)) )
+        q = to_q(x);  src = concat([context or x, extra_tokens], tokens)
+
+    - `extra_tokens` (B, M, C): reference features appended to the keys/values and projected by
+      the same to_k/to_v (Leffa's generative UNet, Magic Clothing's garment fusion).
+    - `ip_tokens` (B, L, ip_dim): decoupled attention through `to_k_ip`/`to_v_ip` (bias-free
+      Linear(ip_dim, dim), built only when `ip_dim` is given), IP-Adapter / StoryMaker.
+    LoRA, when attached (nn/lora.py), lives inside the Linear layers and so applies to every path.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, *,
+                 ip_dim: int | None = None, rngs: nnx.Rngs):
+        kv_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = Linear(dim, dim, use_bias=False, rngs=rngs)
+        self.to_k = Linear(kv_dim, dim, use_bias=False, rngs=rngs)
+        self.to_v = Linear(kv_dim, dim, use_bias=False, rngs=rngs)
+        self.to_out = nnx.List([Linear(dim, dim, rngs=rngs)])
+        self.to_k_ip = Linear(ip_dim, dim, use_bias=False, rngs=rngs) if ip_dim else None
+        self.to_v_ip = Linear(ip_dim, dim, use_bias=False, rngs=rngs) if ip_dim else None
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
+                 extra_tokens: jax.Array | None = None, ip_tokens: jax.Array | None = None,
+                 ip_scale: float | jax.Array = 1.0, kernel: str = "xla", remat: bool = False,
+                 probe: AttentionHook | None = None) -> jax.Array:
+        """x (B, N, dim) queries; context (B, L, context_dim) or None (self-attention);
+        extra_tokens (B, M, dim); ip_tokens (B, L_ip, ip_dim); ip_scale scalar or (B,)
+        (e.g. per guidance branch). -> (B, N, dim)."""
+        source = x if context is None else context.astype(x.dtype)
+        if extra_tokens is not None:
+            source = jnp.concatenate([source, extra_tokens.astype(x.dtype)], axis=1)
+        q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
+        if probe is not None:
+            probe("main", heads_first(q, self.heads), heads_first(k, self.heads))
+        out = attention_core(q, k, v, self.heads, kernel, remat)
+        if ip_tokens is not None:
+            if self.to_k_ip is None:
+                raise ValueError("decoupled tokens given, but this attention has no to_k_ip/"
+                                 "to_v_ip (UNetConfig.image_prompt_dim / decoupled_reference)")
+            ip_tokens = ip_tokens.astype(x.dtype)
+            k_ip, v_ip = self.to_k_ip(ip_tokens), self.to_v_ip(ip_tokens)
+            if probe is not None:
+                probe("decoupled", heads_first(q, self.heads), heads_first(k_ip, self.heads))
+            out_ip = attention_core(q, k_ip, v_ip, self.heads, kernel, remat)
+            scale = jnp.asarray(ip_scale, out.dtype)
+            out = out + (scale[:, None, None] if scale.ndim == 1 else scale) * out_ip
+        return self.to_out[0](out)

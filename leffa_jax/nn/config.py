@@ -78,6 +78,12 @@ class UNetConfig:
     # SDXL's text_time add-embedding (Leffa switches it off; its weights are kept, unused).
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # Attention extensions (not diffusers config keys; set with dataclasses.replace or from_json):
+    # image_prompt_dim: width of image-prompt tokens; builds to_k_ip/to_v_ip on every attn2
+    # (IP-Adapter / StoryMaker decoupled cross-attention). decoupled_reference: builds attn1's
+    # to_k_ip/to_v_ip and takes reference features through them (Magic Clothing "stable").
+    image_prompt_dim: int | None = None
+    decoupled_reference: bool = False
     source: str = ""
 
     @property
@@ -85,7 +91,9 @@ class UNetConfig:
         return self.block_out_channels[0] * 4
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any], *, in_channels: int | None = None) -> UNetConfig:
+    def from_dict(cls, cfg: dict[str, Any], *, in_channels: int | None = None,
+                  image_prompt_dim: int | None = None, decoupled_reference: bool = False
+                  ) -> UNetConfig:
         src = cfg.get("_source", "<dict>")
         cls_name = cfg.get("_class_name", "UNet2DConditionModel")
         if cls_name != "UNet2DConditionModel":
@@ -145,12 +153,15 @@ class UNetConfig:
             addition_time_embed_dim=cfg.get("addition_time_embed_dim") if text_time else None,
             projection_class_embeddings_input_dim=(
                 cfg.get("projection_class_embeddings_input_dim") if text_time else None),
+            image_prompt_dim=image_prompt_dim, decoupled_reference=decoupled_reference,
             source=src,
         )
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, *, in_channels: int | None = None) -> UNetConfig:
-        return cls.from_dict(_read_json(path, "UNet"), in_channels=in_channels)
+    def from_json(cls, path: str | os.PathLike, *, in_channels: int | None = None,
+                  **extensions) -> UNetConfig:
+        """`extensions`: image_prompt_dim, decoupled_reference (see the fields)."""
+        return cls.from_dict(_read_json(path, "UNet"), in_channels=in_channels, **extensions)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,14 +26,20 @@ class Identity(nnx.Module):
 
 
 class Linear(nnx.Module):
+    """x @ kernel + bias, kernel (in, out). `lora_layer` is None unless `nn.lora.apply_lora`
+    attached one: then y = x @ kernel + bias + lora_layer(x) (diffusers' LoRACompatibleLinear)."""
+
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_lecun(rngs.params(), (in_features, out_features), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+        self.lora_layer = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
+        if self.lora_layer is not None and not self.lora_layer.merged:
+            y = y + self.lora_layer(x)
         return y
 
 

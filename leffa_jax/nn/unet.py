@@ -1,16 +1,25 @@
-"""The SD-family UNet (SD1.5 / SDXL inpainting) in Flax NNX, NHWC, one class for both Leffa roles.
+"""The SD-family UNet (SD1.5 / SDXL, inpainting or not) in Flax NNX, NHWC, one class for every role.
 
 Module tree and attribute names mirror diffusers' `UNet2DConditionModel`
 (`down_blocks[i].attentions[j].transformer_blocks[k].attn1.to_q`, ...), so a parameter path is the
-same string on both sides (see `leffa_jax/convert.py`).
+same string on both sides (see `leffa_jax/weights/`). Shared conv blocks live in nn/blocks.py, the
+transformer blocks in nn/transformer.py, the one attention module in nn/attention.py.
 
-Roles (chosen by call arguments, never by hidden state):
-- plain UNet:  `unet(x, t, context)` -> eps.
+Roles and extension points (all call arguments, never hidden state):
+- plain UNet:  `unet(x, t, context)` -> eps; SDXL adds `text_embeds=, time_ids=` (text_time).
 - reference:   `unet(x, t, collect_features=True)` records the post-`norm1` hidden states of every
                transformer block in call order (down, mid, up); `conv_norm_out`/`conv_out` are not
                applied (their weights exist, unused, as in the official checkpoint).
 - generative:  `unet(x, t, reference_features=feats)`: self-attention of block i uses keys/values
-               from `concat([norm1(h), feats[i]], tokens)`, queries from its own tokens only.
+               from `concat([norm1(h), feats[i]], tokens)`, queries from its own tokens only
+               (Leffa, Magic Clothing); with `config.decoupled_reference` the features go through
+               attn1's to_k_ip/to_v_ip instead, times `reference_scale`.
+- image prompt: `unet(x, t, context, image_prompt_tokens=tok, image_prompt_scale=s)` with
+               `config.image_prompt_dim` set: every attn2 adds s * attn(q, to_k_ip(tok),
+               to_v_ip(tok)) to its text attention (IP-Adapter, StoryMaker).
+- probes:      `probe=` (Leffa flow: reference keys of attn1) and `attention_probe=` (every
+               softmax, self and cross; nn/transformer.py) -> `UNetOutput.probes` /
+               `.attention_probes`. LoRA: nn/lora.py, applied to the built module.
 
 Cross-attention: with a `context` (B, L, cross_attention_dim) it is real cross-attention; with
 none it follows the Leffa rule `h = h + norm2(h)` (the official code replaces it by a processor
@@ -19,213 +28,47 @@ that returns its input; `attn2` weights exist but are dead).
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leffa_jax.nn.attention import multihead_attention, split_heads
+from leffa_jax.nn.blocks import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    timestep_embedding,
+)
 from leffa_jax.nn.config import UNetConfig
-from leffa_jax.nn.layers import Conv2d, GroupNorm, Identity, LayerNorm, Linear, resize_nearest_torch
+from leffa_jax.nn.layers import Conv2d, GroupNorm
+from leffa_jax.nn.transformer import (
+    AttentionProbe,
+    ForwardPass,
+    Probe,
+    ProbeSite,
+    Transformer2DModel,
+    maybe_remat,
+)
 
-# probe(layer_index, q, k_ref, (h, w)) -> pytree | None, called in every generative self-attention
-# layer: q (B, heads, N, d) of the generated tokens, k_ref (B, heads, M, d) of the reference
-# tokens (unscaled projections). The Leffa loss reads attention through it (objectives.py).
-Probe = Callable[[int, jax.Array, jax.Array, tuple[int, int]], Any]
+__all__ = ["UNet", "UNetOutput", "Probe", "AttentionProbe", "ProbeSite"]
 
 
 class UNetOutput(NamedTuple):
     sample: jax.Array | None              # (B, H, W, out_channels); None in the reference role
     features: tuple[jax.Array, ...]       # reference role: post-norm1 states (B, N_i, C_i)
     probes: dict[int, Any]                # generative role with a probe: {layer index: value}
+    attention_probes: dict[tuple[int, str], Any] = {}  # {(layer index, branch): value}
 
 
-@dataclasses.dataclass
-class _Pass:
-    """Per-call bookkeeping while tracing (Python only: every array flows through arguments)."""
-    context: jax.Array | None
-    reference_features: Sequence[jax.Array] | None
-    collect_features: bool
-    kernel: str
-    probe: Probe | None
-    remat: bool = False  # gradient checkpointing of resnets, attention cores and feed-forwards
-    features: list = dataclasses.field(default_factory=list)
-    probes: dict = dataclasses.field(default_factory=dict)
-
-
-def _call(module, p: _Pass, *args):
-    """module(*args), under gradient checkpointing when the pass asks for it."""
-    if p.remat:
-        return nnx.remat(lambda m, *a: m(*a))(module, *args)
-    return module(*args)
-
-
-def _attention(q, k, v, heads: int, p: _Pass):
-    if p.remat:
-        return jax.checkpoint(multihead_attention, static_argnums=(3, 4))(q, k, v, heads, p.kernel)
-    return multihead_attention(q, k, v, heads, p.kernel)
-
-
-def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = True,
-                       freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
-    """diffusers `get_timestep_embedding`: (B,) -> (B, dim), float32."""
-    half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-    if flip_sin_to_cos:
-        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
-
-
-class TimestepEmbedding(nnx.Module):
-    def __init__(self, in_features: int, dim: int, *, rngs: nnx.Rngs):
-        self.linear_1 = Linear(in_features, dim, rngs=rngs)
-        self.linear_2 = Linear(dim, dim, rngs=rngs)
-
-    def __call__(self, x):
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
-class ResnetBlock2D(nnx.Module):
-    def __init__(self, cin: int, cout: int, temb_channels: int | None, groups: int, eps: float, *,
-                 rngs: nnx.Rngs):
-        self.norm1 = GroupNorm(cin, groups, eps)
-        self.conv1 = Conv2d(cin, cout, 3, rngs=rngs)
-        self.time_emb_proj = Linear(temb_channels, cout, rngs=rngs) if temb_channels else None
-        self.norm2 = GroupNorm(cout, groups, eps)
-        self.conv2 = Conv2d(cout, cout, 3, rngs=rngs)
-        self.conv_shortcut = Conv2d(cin, cout, 1, padding=0, rngs=rngs) if cin != cout else None
-
-    def __call__(self, x, temb=None):
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        if temb is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
-
-
-class Attention(nnx.Module):
-    """diffusers `Attention` with q/k/v without bias and `to_out.0` with bias."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, *, rngs: nnx.Rngs):
-        kv_dim = context_dim or dim
-        self.heads = heads
-        self.to_q = Linear(dim, dim, use_bias=False, rngs=rngs)
-        self.to_k = Linear(kv_dim, dim, use_bias=False, rngs=rngs)
-        self.to_v = Linear(kv_dim, dim, use_bias=False, rngs=rngs)
-        self.to_out = nnx.List([Linear(dim, dim, rngs=rngs)])
-
-    def __call__(self, x, kv, kernel: str = "xla"):
-        """x (B, N, C) queries; kv (B, M, C') keys/values source."""
-        out = multihead_attention(self.to_q(x), self.to_k(kv), self.to_v(kv), self.heads, kernel)
-        return self.to_out[0](out)
-
-
-class GEGLU(nnx.Module):
-    def __init__(self, dim: int, inner: int, *, rngs: nnx.Rngs):
-        self.proj = Linear(dim, inner * 2, rngs=rngs)
-
-    def __call__(self, x):
-        h, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return h * jax.nn.gelu(gate, approximate=False)
-
-
-class FeedForward(nnx.Module):
-    def __init__(self, dim: int, *, mult: int = 4, rngs: nnx.Rngs):
-        self.net = nnx.List([GEGLU(dim, dim * mult, rngs=rngs), Identity(),
-                             Linear(dim * mult, dim, rngs=rngs)])
-
-    def __call__(self, x):
-        return self.net[2](self.net[0](x))
-
-
-class BasicTransformerBlock(nnx.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int, layer_index: int, *,
-                 rngs: nnx.Rngs):
-        self.layer_index = layer_index  # position in call order over the whole UNet
-        self.norm1 = LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, rngs=rngs)
-        self.norm2 = LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim, rngs=rngs)
-        self.norm3 = LayerNorm(dim)
-        self.ff = FeedForward(dim, rngs=rngs)
-
-    def __call__(self, h, hw: tuple[int, int], p: _Pass):
-        n = self.norm1(h)
-        if p.collect_features:
-            p.features.append(n)
-        if p.reference_features is not None:
-            ref = p.reference_features[self.layer_index].astype(n.dtype)
-            attn = self.attn1
-            q = attn.to_q(n)
-            kv = jnp.concatenate([n, ref], axis=1)
-            k, v = attn.to_k(kv), attn.to_v(kv)
-            if p.probe is not None:
-                heads = lambda x: split_heads(x, attn.heads).transpose(0, 2, 1, 3)
-                out = p.probe(self.layer_index, heads(q), heads(k[:, n.shape[1]:]), hw)
-                if out is not None:
-                    p.probes[self.layer_index] = out
-            a = attn.to_out[0](_attention(q, k, v, attn.heads, p))
-        else:
-            attn1 = self.attn1
-            a = attn1.to_out[0](_attention(attn1.to_q(n), attn1.to_k(n), attn1.to_v(n),
-                                           attn1.heads, p))
-        h = h + a
-        n2 = self.norm2(h)
-        if p.context is None:
-            h = h + n2  # Leffa: cross-attention replaced by identity
-        else:
-            c = p.context.astype(n2.dtype)
-            a2 = self.attn2
-            h = h + a2.to_out[0](_attention(a2.to_q(n2), a2.to_k(c), a2.to_v(c), a2.heads, p))
-        return h + _call(self.ff, p, self.norm3(h))
-
-
-class Transformer2DModel(nnx.Module):
-    def __init__(self, dim: int, heads: int, num_layers: int, context_dim: int, groups: int,
-                 linear_proj: bool, first_index: int, *, rngs: nnx.Rngs):
-        self.norm = GroupNorm(dim, groups, 1e-6)
-        make_proj = ((lambda: Linear(dim, dim, rngs=rngs)) if linear_proj
-                     else (lambda: Conv2d(dim, dim, 1, padding=0, rngs=rngs)))
-        self.proj_in = make_proj()
-        self.transformer_blocks = nnx.List([
-            BasicTransformerBlock(dim, heads, context_dim, first_index + i, rngs=rngs)
-            for i in range(num_layers)])
-        self.proj_out = make_proj()
-
-    def __call__(self, x, p: _Pass):
-        b, hh, ww, c = x.shape
-        h = self.proj_in(self.norm(x)).reshape(b, hh * ww, c)  # 1x1 conv == linear per token
-        for blk in self.transformer_blocks:
-            h = blk(h, (hh, ww), p)
-        return self.proj_out(h.reshape(b, hh, ww, c)) + x
-
-
-class Downsample2D(nnx.Module):
-    def __init__(self, c: int, padding: int, *, rngs: nnx.Rngs):
-        pad = ((padding, padding),) * 2 if padding else ((0, 1), (0, 1))  # diffusers pads (0,1,0,1)
-        self.conv = Conv2d(c, c, 3, stride=2, padding=pad, rngs=rngs)
-
-    def __call__(self, x):
-        return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-    def __init__(self, c: int, *, rngs: nnx.Rngs):
-        self.conv = Conv2d(c, c, 3, rngs=rngs)
-
-    def __call__(self, x, size: tuple[int, int] | None = None):
-        size = size or (2 * x.shape[1], 2 * x.shape[2])
-        return self.conv(resize_nearest_torch(x, size))
+def _transformer(cfg: UNetConfig, dim: int, heads: int, num_layers: int, first_index: int,
+                 rngs: nnx.Rngs) -> Transformer2DModel:
+    return Transformer2DModel(dim, heads, num_layers, cfg.cross_attention_dim, cfg.norm_num_groups,
+                              cfg.use_linear_projection, first_index,
+                              ip_dim=cfg.image_prompt_dim,
+                              decoupled_reference=cfg.decoupled_reference, rngs=rngs)
 
 
 class DownBlock(nnx.Module):
@@ -239,20 +82,18 @@ class DownBlock(nnx.Module):
                           cfg.norm_eps, rngs=rngs) for j in range(n)])
         t = cfg.transformer_layers_per_block[i]
         self.attentions = nnx.List([
-            Transformer2DModel(cout, cfg.num_heads[i], t, cfg.cross_attention_dim,
-                               cfg.norm_num_groups, cfg.use_linear_projection,
-                               first_index + j * t, rngs=rngs)
+            _transformer(cfg, cout, cfg.num_heads[i], t, first_index + j * t, rngs)
             for j in range(n)]) if with_attn else None
         self.downsamplers = (nnx.List([Downsample2D(cout, cfg.downsample_padding, rngs=rngs)])
                              if add_downsample else None)
         self.num_layers = n * t if with_attn else 0
 
-    def __call__(self, x, temb, p: _Pass):
+    def __call__(self, x, temb, fp: ForwardPass):
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = _call(resnet, p, x, temb)
+            x = maybe_remat(resnet, fp, x, temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, p)
+                x = self.attentions[j](x, fp)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -269,15 +110,13 @@ class MidBlock(nnx.Module):
         mk = lambda: ResnetBlock2D(c, c, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps,
                                    rngs=rngs)
         self.resnets = nnx.List([mk(), mk()])
-        self.attentions = nnx.List([Transformer2DModel(
-            c, cfg.num_heads[-1], t, cfg.cross_attention_dim, cfg.norm_num_groups,
-            cfg.use_linear_projection, first_index, rngs=rngs)])
+        self.attentions = nnx.List([_transformer(cfg, c, cfg.num_heads[-1], t, first_index, rngs)])
         self.num_layers = t
 
-    def __call__(self, x, temb, p: _Pass):
-        x = _call(self.resnets[0], p, x, temb)
-        x = self.attentions[0](x, p)
-        return _call(self.resnets[1], p, x, temb)
+    def __call__(self, x, temb, fp: ForwardPass):
+        x = maybe_remat(self.resnets[0], fp, x, temb)
+        x = self.attentions[0](x, fp)
+        return maybe_remat(self.resnets[1], fp, x, temb)
 
 
 class UpBlock(nnx.Module):
@@ -294,17 +133,16 @@ class UpBlock(nnx.Module):
                           cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps, rngs=rngs)
             for j in range(n)])
         self.attentions = nnx.List([
-            Transformer2DModel(cout, heads, t, cfg.cross_attention_dim, cfg.norm_num_groups,
-                               cfg.use_linear_projection, first_index + j * t, rngs=rngs)
+            _transformer(cfg, cout, heads, t, first_index + j * t, rngs)
             for j in range(n)]) if with_attn else None
         self.upsamplers = nnx.List([Upsample2D(cout, rngs=rngs)]) if add_upsample else None
         self.num_layers = n * t if with_attn else 0
 
-    def __call__(self, x, skips, temb, p: _Pass, upsample_size=None):
+    def __call__(self, x, skips, temb, fp: ForwardPass, upsample_size=None):
         for j, resnet in enumerate(self.resnets):
-            x = _call(resnet, p, jnp.concatenate([x, skips.pop()], axis=-1), temb)
+            x = maybe_remat(resnet, fp, jnp.concatenate([x, skips.pop()], axis=-1), temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, p)
+                x = self.attentions[j](x, fp)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -368,35 +206,84 @@ class UNet(nnx.Module):
                  context: jax.Array | None = None, *,
                  reference_features: Sequence[jax.Array] | None = None,
                  collect_features: bool = False, probe: Probe | None = None,
-                 attention_kernel: str = "xla", remat: bool = False) -> UNetOutput:
+                 attention_kernel: str = "xla", remat: bool = False,
+                 image_prompt_tokens: jax.Array | None = None,
+                 image_prompt_scale: float | jax.Array = 1.0,
+                 reference_scale: float | jax.Array = 1.0,
+                 attention_probe: AttentionProbe | None = None,
+                 text_embeds: jax.Array | None = None,
+                 time_ids: jax.Array | None = None) -> UNetOutput:
         """sample (B, H, W, in_channels) in the compute dtype; timesteps scalar or (B,);
-        context (B, L, cross_attention_dim) or None; reference_features: one (B, N_i, C_i) per
-        transformer layer in call order (generative role); remat: gradient checkpointing."""
+        context (B, L, cross_attention_dim) or None (the Leffa rule);
+        reference_features: one (B, N_i, C_i) per transformer layer in call order (generative
+        role; appended to attn1's keys/values, or through attn1's to_k_ip/to_v_ip times
+        `reference_scale` when built with `decoupled_reference`);
+        probe: the Leffa flow probe (see nn/transformer.py); attention_probe: a probe at every
+        softmax, self and cross; remat: gradient checkpointing;
+        image_prompt_tokens (B, L_ip, image_prompt_dim): decoupled cross-attention in every attn2,
+        added times `image_prompt_scale`, scalar or (B,) (needs a context and
+        `config.image_prompt_dim`);
+        text_embeds (B, D_pooled), time_ids (B, n): SDXL's text_time added conditioning."""
+        self._check_inputs(sample, context, reference_features, image_prompt_tokens, text_embeds,
+                           time_ids)
+        temb = self._embed_time(sample, timesteps, text_embeds, time_ids)
+        fp = ForwardPass(context=context, reference_features=reference_features,
+                         collect_features=collect_features, kernel=attention_kernel, probe=probe,
+                         remat=remat, image_prompt_tokens=image_prompt_tokens,
+                         image_prompt_scale=image_prompt_scale, reference_scale=reference_scale,
+                         attention_probe=attention_probe)
+        x = self.conv_in(sample)
+        skips = [x]
+        for blk in self.down_blocks:
+            x, s = blk(x, temb, fp)
+            skips += s
+        x = self.mid_block(x, temb, fp)
+        for blk in self.up_blocks:
+            mine = skips[-len(blk.resnets):]
+            del skips[-len(blk.resnets):]
+            size = skips[-1].shape[1:3] if skips else None
+            x = blk(x, mine, temb, fp, upsample_size=size)
+        if collect_features:
+            return UNetOutput(None, tuple(fp.features), fp.probes, fp.attention_probes)
+        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return UNetOutput(x, tuple(fp.features), fp.probes, fp.attention_probes)
+
+    def _check_inputs(self, sample, context, reference_features, image_prompt_tokens,
+                      text_embeds, time_ids) -> None:
         cfg = self.config
+        if (text_embeds is None) != (time_ids is None):
+            raise ValueError("SDXL added conditioning needs both text_embeds and time_ids")
+        if text_embeds is not None and (self.add_embedding is None
+                                        or cfg.addition_time_embed_dim is None):
+            raise ValueError("text_embeds/time_ids given, but this UNet has no text_time "
+                             "add_embedding (addition_embed_type is not 'text_time')")
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"UNet input must be NHWC with {cfg.in_channels} channels, got shape "
                              f"{sample.shape}")
         if reference_features is not None and len(reference_features) != self.num_transformer_layers:
             raise ValueError(f"reference_features has {len(reference_features)} entries; this UNet "
                              f"has {self.num_transformer_layers} transformer layers")
+        if image_prompt_tokens is not None:
+            if cfg.image_prompt_dim is None:
+                raise ValueError("image_prompt_tokens given, but this UNet has no to_k_ip/to_v_ip "
+                                 "(build it with UNetConfig.image_prompt_dim)")
+            if context is None:
+                raise ValueError("image_prompt_tokens need a text context (cross-attention is "
+                                 "the identity without one)")
+            if image_prompt_tokens.ndim != 3 or image_prompt_tokens.shape[-1] != cfg.image_prompt_dim:
+                raise ValueError(f"image_prompt_tokens must be (B, L, {cfg.image_prompt_dim}), got "
+                                 f"{image_prompt_tokens.shape}")
+
+    def _embed_time(self, sample, timesteps, text_embeds, time_ids) -> jax.Array:
+        """Time embedding (B, time_embed_dim) [+ SDXL's add_embedding(text_embeds, time_ids)]."""
+        cfg = self.config
         b = sample.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(temb.astype(sample.dtype))
-        p = _Pass(context, reference_features, collect_features, attention_kernel, probe, remat)
-
-        x = self.conv_in(sample)
-        skips = [x]
-        for blk in self.down_blocks:
-            x, s = blk(x, temb, p)
-            skips += s
-        x = self.mid_block(x, temb, p)
-        for blk in self.up_blocks:
-            mine = skips[-len(blk.resnets):]
-            del skips[-len(blk.resnets):]
-            size = skips[-1].shape[1:3] if skips else None
-            x = blk(x, mine, temb, p, upsample_size=size)
-        if collect_features:
-            return UNetOutput(None, tuple(p.features), p.probes)
-        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
-        return UNetOutput(x, tuple(p.features), p.probes)
+        if text_embeds is None:
+            return temb
+        time_embeds = timestep_embedding(jnp.reshape(time_ids, (-1,)), cfg.addition_time_embed_dim,
+                                         cfg.flip_sin_to_cos, cfg.freq_shift).reshape(b, -1)
+        added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+        return temb + self.add_embedding(added.astype(temb.dtype))

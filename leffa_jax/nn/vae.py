@@ -1,6 +1,6 @@
 """AutoencoderKL (the SD VAE) in Flax NNX, NHWC; module tree mirrors diffusers.
 
-`encode(x)` -> posterior (mean, logvar); `sample_posterior(mean, logvar, noise)` draws with a given
+`encode(x)` -> `Posterior(mean, logvar)`; `sample_posterior(posterior, noise)` draws with a given
 noise array (how a PyTorch run is replayed); `decode(z)`. Latents here are UNscaled: multiply by
 `config.scaling_factor` before the UNet and divide after, as the pipelines do.
 """
@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from leffa_jax.nn.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from leffa_jax.nn.config import VAEConfig
 from leffa_jax.nn.layers import Conv2d, GroupNorm, Linear
-from leffa_jax.nn.unet import Downsample2D, ResnetBlock2D, Upsample2D
 
 _EPS = 1e-6  # every VAE norm
 

@@ -1,6 +1,6 @@
 """Tiny Leffa on the synthetic VITON-HD-layout set: the README's main job (CPU, 2 cores).
 
-    python -m leffa_jax.train --config configs/synthetic_tiny.py --workdir /tmp/leffa_tiny
+    python -m leffa_jax.train --config leffa_jax/configs/synthetic_tiny.py --workdir /tmp/leffa_tiny
 
 Hardware: 2 CPU cores. Expect about 2 minutes (300 steps, batch 8, 32x24 images); the epsilon
 loss falls from ~1.4 to ~0.04. `python -m leffa_jax.demo` runs this twice (with and without the
@@ -9,14 +9,10 @@ ground truth on unseen pairs. Measured (2026-11-21, 2-core CPU, 114 s per run): 
 with the loss vs 5.8 px without (mean over layers 4.6 vs 6.0; identity flow 4.6; untrained 6.0).
 The Leffa weight is far above the paper's 1e-3 (lam 10, every timestep, every layer) so that its
 effect shows within 300 steps from a random initialisation; the paper's values are in
-configs/tryon_1024_leffa.py.
+leffa_jax/configs/tryon_1024_leffa.py.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config  # noqa: E402
+from leffa_jax.configs.common import base_config
 
 
 def get_config():

@@ -1,16 +1,13 @@
 """Pose transfer stage 2: 512x352, from stage 1's export (paper: 80k steps).
 
-    python -m leffa_jax.train --config configs/pose_512.py --workdir gs://BUCKET/runs/pose_512 \
+    python -m leffa_jax.train --config leffa_jax/configs/pose_512.py \
+        --workdir gs://BUCKET/runs/pose_512 \
         --config.model.init=leffa:gs://BUCKET/runs/pose_256/export
 
 Same hardware as stage 1.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from pose_256 import get_config as stage1  # noqa: E402
+from leffa_jax.configs.pose_256 import get_config as stage1
 
 
 def get_config():

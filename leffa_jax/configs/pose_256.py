@@ -1,6 +1,7 @@
 """Pose transfer stage 1: 256x176 on DeepFashion, from SDXL-inpainting (paper: 80k, batch 256).
 
-    python -m leffa_jax.train --config configs/pose_256.py --workdir gs://BUCKET/runs/pose_256 \
+    python -m leffa_jax.train --config leffa_jax/configs/pose_256.py \
+        --workdir gs://BUCKET/runs/pose_256 \
         --config.model.init=sd_inpainting:/path/to/stable-diffusion-xl-1.0-inpainting-0.1 \
         --config.data.tfds_dir=gs://BUCKET/tfds
 
@@ -8,11 +9,7 @@ Sized for TPU v5p-128 or 16x H100 (SDXL UNets, 2.6B params each: FSDP is require
 remat. Zero-terminal-SNR schedule as the official pose model.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config  # noqa: E402
+from leffa_jax.configs.common import base_config
 
 
 def get_config():

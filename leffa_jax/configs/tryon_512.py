@@ -1,6 +1,7 @@
 """Try-on stage 1: 512x384 on VITON-HD, from SD1.5-inpainting (paper: 10k steps, batch 256).
 
-    python -m leffa_jax.train --config configs/tryon_512.py --workdir gs://BUCKET/runs/tryon_512 \
+    python -m leffa_jax.train --config leffa_jax/configs/tryon_512.py \
+        --workdir gs://BUCKET/runs/tryon_512 \
         --config.model.init=sd_inpainting:/path/to/stable-diffusion-inpainting \
         --config.data.tfds_dir=gs://BUCKET/tfds
 
@@ -9,11 +10,7 @@ remat. Expect ~6.6 TFLOP per image per step, roughly 60 images/s per 8 H100 at 5
 (~1 h for 10k steps on v5p-64); the epsilon loss settles near 0.1.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config  # noqa: E402
+from leffa_jax.configs.common import base_config
 
 
 def get_config():
