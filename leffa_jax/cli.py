@@ -79,3 +79,17 @@ def progress_bar(total: int, desc: str, enabled: bool = True, file=None):
                 mininterval=0.1 if interactive else 60.0,
                 maxinterval=10.0 if interactive else 600.0,
                 dynamic_ncols=interactive, ascii=not interactive)
+
+
+def run_reporting_errors(run, args, done, program: str = "leffa_jax.sample") -> int:
+    """`run(args)` -> written paths, then print `done(written)`; the errors a user can fix (bad
+    flags, files, checkpoints, values) become one line on stderr and exit status 2."""
+    from leffa_jax.weights.tensor_io import CheckpointError
+
+    try:
+        written = run(args)
+    except (UsageError, FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        return 2
+    print(done(written))
+    return 0

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from leffa_jax import cli, imageio
-from leffa_jax.cli import UsageError
+from leffa_jax.cli import UsageError, run_reporting_errors
 from leffa_jax.sample_inputs import (  # noqa: F401  (re-exported: the CLI's input API)
     Pair,
     agnostic_mask_for,
@@ -269,19 +269,13 @@ def run(args) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from leffa_jax import sample_text2image
-    from leffa_jax.convert import CheckpointError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if sample_text2image.wants_text2image(argv):  # its own options: leffa_jax/sample_text2image.py
         return sample_text2image.main(argv)
     args = build_parser().parse_args(argv)
-    try:
-        written = run(args)
-    except (UsageError, FileNotFoundError, ValueError, CheckpointError) as e:
-        print(f"leffa_jax.sample: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(written)} image(s) to {args.out}")
-    return 0
+    return run_reporting_errors(run, args, lambda written: f"wrote {len(written)} image(s) to "
+                                f"{args.out}")
 
 
 if __name__ == "__main__":

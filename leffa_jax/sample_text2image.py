@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from leffa_jax import cli, imageio
-from leffa_jax.cli import UsageError
+from leffa_jax.cli import UsageError, run_reporting_errors
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
@@ -148,16 +148,9 @@ def run(args) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from leffa_jax.weights.tensor_io import CheckpointError
-
     args = build_parser().parse_args(argv)
-    try:
-        written = run(args)
-    except (UsageError, FileNotFoundError, ValueError, CheckpointError) as e:
-        print(f"leffa_jax.sample: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(written) - 1} image(s) and grid.png to {args.out}")
-    return 0
+    return run_reporting_errors(run, args, lambda written: f"wrote {len(written) - 1} image(s) "
+                                f"and grid.png to {args.out}")
 
 
 def wants_text2image(argv: Sequence[str]) -> bool:

@@ -11,11 +11,10 @@ build (other activations, dropout, non-square images or patches) are a `ConfigEr
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
-from leffa_jax.nn.config import ConfigError
+from leffa_jax.nn.config import ConfigError, read_config_json
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 _ZERO = (None, 0, 0.0)
@@ -26,22 +25,9 @@ _ARCHITECTURES = {
 }
 
 
-def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+def read_clip_config_json(path: str | os.PathLike) -> dict[str, Any]:
     """`path` (a folder holding config.json, or the file) -> dict with `_source` set."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"CLIP config not found: {path} (expected a transformers config.json)")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"CLIP config {path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"CLIP config {path} must hold a JSON object")
-    cfg["_source"] = path
-    return cfg
+    return read_config_json(path, "CLIP", "transformers")
 
 
 def _sub_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -89,8 +75,23 @@ def _int(cfg: dict[str, Any], key: str, default: int, src: str) -> int:
     return value
 
 
+def _shared_fields(cfg: dict[str, Any], defaults, src: str) -> dict[str, Any]:
+    """The fields text and vision configs read alike: activation, LayerNorm eps, projection."""
+    proj = cfg.get("projection_dim", defaults.projection_dim)
+    return {"hidden_act": cfg.get("hidden_act", defaults.hidden_act),
+            "layer_norm_eps": float(cfg.get("layer_norm_eps") or defaults.layer_norm_eps),
+            "projection_dim": None if proj is None else int(proj), "source": src}
+
+
+class _FromJson:
+    @classmethod
+    def from_json(cls, path: str | os.PathLike):
+        """Read a transformers config.json (a folder holding it, or the file)."""
+        return cls.from_dict(read_clip_config_json(path))
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(_FromJson):
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -113,18 +114,11 @@ class CLIPTextConfig:
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "max_position_embeddings", "eos_token_id")}
         _check_common(cfg, src, ints["hidden_size"], ints["num_attention_heads"])
-        proj = cfg.get("projection_dim", d.projection_dim)
-        return cls(**ints, hidden_act=cfg.get("hidden_act", d.hidden_act),
-                   layer_norm_eps=float(cfg.get("layer_norm_eps") or d.layer_norm_eps),
-                   projection_dim=None if proj is None else int(proj), source=src)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> CLIPTextConfig:
-        return cls.from_dict(read_config_json(path))
+        return cls(**ints, **_shared_fields(cfg, d, src))
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(_FromJson):
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
@@ -154,11 +148,4 @@ class CLIPVisionConfig:
         if ints["image_size"] % ints["patch_size"]:
             raise ConfigError(f"{src}: image_size={ints['image_size']} is not a multiple of "
                               f"patch_size={ints['patch_size']}")
-        proj = cfg.get("projection_dim", d.projection_dim)
-        return cls(**ints, hidden_act=cfg.get("hidden_act", d.hidden_act),
-                   layer_norm_eps=float(cfg.get("layer_norm_eps") or d.layer_norm_eps),
-                   projection_dim=None if proj is None else int(proj), source=src)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> CLIPVisionConfig:
-        return cls.from_dict(read_config_json(path))
+        return cls(**ints, **_shared_fields(cfg, d, src))

@@ -17,12 +17,15 @@ class ConfigError(ValueError):
     """A config.json that this library cannot build (names the file and the key)."""
 
 
-def _read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+def read_config_json(path: str | os.PathLike, what: str,
+                     library: str = "diffusers") -> dict[str, Any]:
+    """`path` (a folder holding config.json, or the file) -> its dict with `_source` set; a
+    missing, non-JSON or non-object file is a ConfigError naming it."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
-        raise ConfigError(f"{what} config not found: {path} (expected a diffusers config.json)")
+        raise ConfigError(f"{what} config not found: {path} (expected a {library} config.json)")
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -161,7 +164,7 @@ class UNetConfig:
     def from_json(cls, path: str | os.PathLike, *, in_channels: int | None = None,
                   **extensions) -> UNetConfig:
         """`extensions`: image_prompt_dim, decoupled_reference (see the fields)."""
-        return cls.from_dict(_read_json(path, "UNet"), in_channels=in_channels, **extensions)
+        return cls.from_dict(read_config_json(path, "UNet"), in_channels=in_channels, **extensions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,4 +207,4 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> VAEConfig:
-        return cls.from_dict(_read_json(path, "VAE"))
+        return cls.from_dict(read_config_json(path, "VAE"))

@@ -51,6 +51,14 @@ def log_snr(alpha, sigma):
 # --------------------------------------------------------------------------------------------
 
 
+def _alphas_at(schedule: Schedule, t, prev_t, ndim: int, final):
+    """(alpha_cumprod[t], alpha_cumprod[prev_t]) broadcast to `ndim`; prev_t < 0 -> `final`."""
+    prev_t = jnp.asarray(prev_t, jnp.int32)
+    ap_prev = jnp.where(broadcast_timestep(prev_t, ndim) >= 0,
+                        gather_at_timestep(schedule.alphas_cumprod, prev_t, ndim), final)
+    return gather_at_timestep(schedule.alphas_cumprod, t, ndim), ap_prev
+
+
 def ddpm_step(
     schedule: Schedule, model_output, sample, t, prev_t, noise
 ) -> tuple[jax.Array, jax.Array]:
@@ -61,13 +69,7 @@ def ddpm_step(
     1e-20; noise is added wherever t > 0. Returns (prev_sample, pred_original_sample).
     """
     nd = sample.ndim
-    ap = gather_at_timestep(schedule.alphas_cumprod, t, nd)
-    prev_t = jnp.asarray(prev_t, jnp.int32)
-    ap_prev = jnp.where(
-        broadcast_timestep(prev_t, nd) >= 0,
-        gather_at_timestep(schedule.alphas_cumprod, prev_t, nd),
-        jnp.asarray(1.0, _F32),
-    )
+    ap, ap_prev = _alphas_at(schedule, t, prev_t, nd, jnp.asarray(1.0, _F32))
     bp = 1 - ap
     bp_prev = 1 - ap_prev
     cur_alpha = ap / ap_prev
@@ -96,13 +98,7 @@ def ddim_step(
     uses `final_alpha_cumprod`. With eta > 0, `noise` (shape of sample) is required and
     std = eta * sqrt(variance) is applied. Returns (prev_sample, pred_original_sample)."""
     nd = sample.ndim
-    ap = gather_at_timestep(schedule.alphas_cumprod, t, nd)
-    prev_t = jnp.asarray(prev_t, jnp.int32)
-    ap_prev = jnp.where(
-        broadcast_timestep(prev_t, nd) >= 0,
-        gather_at_timestep(schedule.alphas_cumprod, prev_t, nd),
-        schedule.final_alpha_cumprod,
-    )
+    ap, ap_prev = _alphas_at(schedule, t, prev_t, nd, schedule.final_alpha_cumprod)
     bp = 1 - ap
     if schedule.prediction_type == "epsilon":
         x0 = (sample - bp**0.5 * model_output) / ap**0.5
