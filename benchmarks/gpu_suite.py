@@ -13,6 +13,8 @@ them and a failure or time-out of one does not lose the others):
    vs materialised.
 4. `train_step.py`: the training step at 512x384 and 1024x768, with and without the Leffa loss,
    JAX vs PyTorch, MFU.
+5. `text2image.py`: SD1.5 text-to-image at 512x512, 30 steps, CFG, bf16, vs diffusers, with MFU
+   (GPU only: on CPU it needs the full SD1.5 model, minutes; `--dry-run` leaves it out).
 
 Each stage gets a share of `--budget-s` (default 480 s); a stage that runs over is stopped and
 reported as such. Rows: benchmark, setting, JAX time, baseline time, ratio (baseline / JAX, > 1
@@ -35,25 +37,28 @@ REPO = os.path.dirname(HERE)
 TINY = os.path.join(REPO, "leffa_jax", "assets", "tiny_sd15")
 SD15 = os.path.join(REPO, "..", "shared", "configs", "stable-diffusion-inpainting")
 
-# (stage, share of the budget, GPU arguments, dry-run arguments); "{json}" is the output file.
+# (stage, share of the budget, GPU arguments, dry-run arguments or None: not in the dry run).
 STAGES = (
-    ("unet_forward", 0.10,
+    ("unet_forward", 0.08,
      ["--config", SD15, "--latent", "128x96", "--batch", "2", "--dtype", "bfloat16",
       "--kernel", "cudnn", "--iters", "10"],
      ["--config", TINY, "--latent", "8x6", "--iters", "1"]),
-    ("sample", 0.30,
+    ("sample", 0.27,
      ["--config", SD15, "--height", "1024", "--width", "768", "--steps", "30", "--batch", "1",
       "--reps", "2", "--dtype", "bfloat16", "--torch-dtype", "float16"],
      ["--config", TINY, "--height", "64", "--width", "48", "--steps", "1", "--batch", "1",
       "--reps", "1"]),
-    ("leffa_loss", 0.10,
+    ("leffa_loss", 0.07,
      ["--n", "12288", "--reps", "5"],
      ["--n", "64", "--reps", "1"]),
-    ("train_step", 0.50,
+    ("train_step", 0.45,
      ["--config", SD15, "--sizes", "512x384", "1024x768", "--batch", "4", "--steps", "5",
       "--warmup", "2", "--skip", "jax_leffa_mat"],
      ["--config", TINY, "--sizes", "64x48", "--batch", "1", "--channel-mult", "1",
       "--steps", "1", "--warmup", "0", "--jobs", "1", "--variants", "jax_leffa", "torch_leffa"]),
+    ("text2image", 0.13,
+     ["--height", "512", "--width", "512", "--steps", "30", "--dtype", "bfloat16", "--reps", "2"],
+     None),
 )
 
 
@@ -139,8 +144,17 @@ def rows_train_step(d: dict) -> list[list[str]]:
     return out
 
 
+def rows_text2image(d: dict) -> list[list[str]]:
+    a, j, t = d["args"], d["jax"], d.get("torch")
+    setting = f"SD1.5 {a['height']}x{a['width']}, {a['steps']} {a['scheduler']} steps, CFG, " \
+              f"batch {a['batch']}, {a['dtype']}"
+    return [["Text-to-image", setting, f"{j['generate_s']:.3f} s/call",
+             "" if not t else f"{t['generate_s']:.3f} s/call (diffusers)",
+             _ratio(t["generate_s"] if t else None, j["generate_s"]), _pct(j.get("mfu"))]]
+
+
 ROWS = {"unet_forward": rows_unet_forward, "sample": rows_sample, "leffa_loss": rows_leffa_loss,
-        "train_step": rows_train_step}
+        "train_step": rows_train_step, "text2image": rows_text2image}
 
 
 def markdown(results: dict[str, dict], machine: str) -> str:
@@ -190,7 +204,7 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     for name, share, gpu_args, dry_args in STAGES:
-        if name not in args.stages:
+        if name not in args.stages or (args.dry_run and dry_args is None):
             continue
         res = run_stage(name, dry_args if args.dry_run else gpu_args,
                         max(30.0, share * budget), out_dir)
