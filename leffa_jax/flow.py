@@ -4,8 +4,8 @@ Layout conventions: images and flows are NHWC, attention tensors are (B, heads, 
 tokens in row-major (y, x) order, flows/grids carry (x, y) in the last axis, normalised to
 [-1, 1] (x = -1 is the left edge, y = -1 the top edge).
 
-Official conventions kept on purpose (LEFFA_REFERENCE.md section 5, checked against
-`fixtures/leffa_official/sd15_tiny/loss_fixture.npz`):
+Official conventions kept on purpose (the paper's loss as the official code computes it, checked
+against the project fixture `../shared/fixtures/leffa_official/sd15_tiny/loss_fixture.npz`):
 
 - The coordinate map is `linspace(-1, 1, w) x linspace(-1, 1, h)`: token centres sit exactly on
   -1 and +1 ("align_corners=True" style), while the warp samples with `align_corners=False`

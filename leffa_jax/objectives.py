@@ -1,6 +1,6 @@
 """Training objectives: epsilon MSE and the Leffa loss read from the generative UNet's attention.
 
-The Leffa loss (paper section 3.3; LEFFA_REFERENCE.md section 5) per selected self-attention
+The Leffa loss (paper section 3.3) per selected self-attention
 layer l of the generative UNet:
     A_l   = mean_heads softmax(Q_gen K_ref^T / (tau sqrt d))            (B, N, N), never stored
     F_l   = A_l @ coordinate_map(h_l, w_l)                               (B, h_l, w_l, 2)

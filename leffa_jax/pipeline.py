@@ -1,7 +1,7 @@
 """The Leffa sampling pipeline: one compiled program from images to uint8 results.
 
 Leffa's composition of the shared sampling parts (`leffa_jax.sampling`), following the official
-`LeffaPipeline.__call__` (LEFFA_REFERENCE section 3) step by step:
+`LeffaPipeline.__call__` (github.com/franciszzj/Leffa, leffa/pipeline.py) step by step:
 
 1. `masked = person * (mask < 0.5)`; both VAE posteriors are SAMPLED (`mean + std * noise`) and
    scaled by the VAE scaling factor; `model.inpainting_conditions` takes mask and densepose to

@@ -1,5 +1,5 @@
-"""Defaults shared by every Leffa training config (the paper's recipe, LEFFA_REFERENCE.md
-section 5): the generic loop's settings (`leffa_jax.training.config`) plus Leffa's model, loss
+"""Defaults shared by every Leffa training config (the paper's
+recipe): the generic loop's settings (`leffa_jax.training.config`) plus Leffa's model, loss
 and data sections."""
 
 import ml_collections
