@@ -40,6 +40,14 @@ from leffa_jax.sample_inputs import (  # noqa: F401  (re-exported: the CLI's inp
 )
 
 TASKS = ("tryon", "pose")
+# Tasks with their own command line, each a module with `main(argv) -> int` whose parser also
+# takes --task: python -m leffa_jax.sample --task garment2image --help.
+TASK_MODULES = {
+    "text2image": "leffa_jax.sample_text2image",        # SD1.5 / SDXL from a prompt
+    "garment2image": "leffa_jax.sample_garment2image",  # Magic Clothing
+    "subject2image": "leffa_jax.sample_subject2image",  # Face-diffuser
+    "characters": "leffa_jax.sample_characters",        # StoryMaker
+}
 GARMENT_TYPES = ("upper_body", "lower_body", "dresses")
 DEFAULT_RESOLUTION = (1024, 768)  # the official demo's (height, width)
 
@@ -56,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m leffa_jax.sample", description=__doc__,
                                  formatter_class=cli.HelpFormatter)
     arg = ap.add_argument
-    arg("--task", choices=TASKS, default="tryon",
+    arg("--task", choices=TASKS + tuple(TASK_MODULES), default="tryon",
         help="tryon: garment onto the person inside the mask; pose: the reference person "
-             "(--garment) in the pose of --densepose, mask = everything; text2image: SD1.5/SDXL "
-             "from a prompt, its own flags (--task text2image --help)")
+             "(--garment) in the pose of --densepose, mask = everything; text2image (SD1.5/SDXL "
+             "from a prompt), garment2image (Magic Clothing), subject2image (Face-diffuser), "
+             "characters (StoryMaker): their own flags (--task NAME --help)")
     arg("--checkpoint", required=True,
         help="official .pth/.safetensors (with --base-config) or a leffa_jax checkpoint folder")
     arg("--base-config", help="base model config folder (unet/ vae/ scheduler/) or a bundled "
@@ -267,12 +276,24 @@ def run(args) -> list[str]:
     return written
 
 
+def requested_task(argv: Sequence[str]) -> str | None:
+    """The value of --task on a command line (None when absent)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from leffa_jax import sample_text2image
+    import importlib
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if sample_text2image.wants_text2image(argv):  # its own options: leffa_jax/sample_text2image.py
-        return sample_text2image.main(argv)
+    task = requested_task(argv)
+    if task in TASK_MODULES:  # its own options, in its own module
+        return importlib.import_module(TASK_MODULES[task]).main(argv)
     args = build_parser().parse_args(argv)
     return run_reporting_errors(run, args, lambda written: f"wrote {len(written)} image(s) to "
                                 f"{args.out}")

@@ -153,16 +153,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"and grid.png to {args.out}")
 
 
-def wants_text2image(argv: Sequence[str]) -> bool:
-    """Whether a `python -m leffa_jax.sample` command line selects --task text2image."""
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg == "--task" and i + 1 < len(argv):
-            return argv[i + 1] == "text2image"
-        if arg.startswith("--task="):
-            return arg.split("=", 1)[1] == "text2image"
-    return False
-
-
 if __name__ == "__main__":
     sys.exit(main())
