@@ -3,9 +3,11 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-metrics.txt constraints.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements-dev.txt -c constraints.txt
+	# metric references without their torchvision dependency (it does not load beside CPU torch)
+	$(VENV)/bin/pip install -q --no-deps -r requirements-metrics.txt -c constraints.txt
 	$(VENV)/bin/pip install -q --no-deps -e . -c constraints.txt
 	touch $(STAMP)
 

@@ -92,3 +92,26 @@ def machine() -> str:
 
     d = jax.devices()[0]
     return f"{d.platform}:{d.device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {platform.machine()}"
+
+
+def torch_sd_components(folder: str) -> tuple:
+    """The PyTorch baseline's SD1.5 parts with random weights (seed 0) from a diffusers folder's
+    configs: -> (unet, vae, text_encoder, tokenizer, scheduler_config dict)."""
+    import json
+    import os
+
+    import diffusers
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config(
+        diffusers.UNet2DConditionModel.load_config(os.path.join(folder, "unet")))
+    vae = diffusers.AutoencoderKL.from_config(
+        diffusers.AutoencoderKL.load_config(os.path.join(folder, "vae")))
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig.from_pretrained(os.path.join(folder, "text_encoder")))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        config = json.load(f)
+    return unet, vae, text_encoder, tokenizer, config

@@ -16,7 +16,15 @@ them and a failure or time-out of one does not lose the others):
 5. `text2image.py`: SD1.5 text-to-image at 512x512, 30 steps, CFG, bf16, vs diffusers, with MFU
    (GPU only: on CPU it needs the full SD1.5 model, minutes; `--dry-run` leaves it out).
 
-Each stage gets a share of `--budget-s` (default 480 s); a stage that runs over is stopped and
+A second call, `python benchmarks/gpu_suite.py --stages systems` (about 8 minutes), runs the other
+systems against the same computation in PyTorch: `magic_clothing.py` (768x576, 20 UniPC steps x
+3 branches, bf16), `face_diffuser.py` (SD1.5-size SNF, 20 PNDM steps, two stage-2 calls vs one
+stacked call), `storymaker.py` (SDXL 1024x1024, 25 steps, 2 characters, LoRA merged vs unmerged),
+`metrics.py` (Inception / SqueezeNet-LPIPS features, images/s). Their dry runs take minutes each
+on 2 CPU cores and are not part of the test suite.
+
+Each stage gets its share of `--budget-s` (default 480 s, shares normalised over the chosen
+stages); a stage that runs over is stopped and
 reported as such. Rows: benchmark, setting, JAX time, baseline time, ratio (baseline / JAX, > 1
 means JAX is faster), MFU. The stage scripts' own tables are printed after it (`--verbose`).
 """
@@ -39,27 +47,37 @@ SD15 = os.path.join(REPO, "..", "shared", "configs", "stable-diffusion-inpaintin
 
 # (stage, share of the budget, GPU arguments, dry-run arguments or None: not in the dry run).
 STAGES = (
-    ("unet_forward", 0.08,
+    ("unet_forward", 0.06,
      ["--config", SD15, "--latent", "128x96", "--batch", "2", "--dtype", "bfloat16",
       "--kernel", "cudnn", "--iters", "10"],
      ["--config", TINY, "--latent", "8x6", "--iters", "1"]),
-    ("sample", 0.27,
+    ("sample", 0.18,
      ["--config", SD15, "--height", "1024", "--width", "768", "--steps", "30", "--batch", "1",
       "--reps", "2", "--dtype", "bfloat16", "--torch-dtype", "float16"],
      ["--config", TINY, "--height", "64", "--width", "48", "--steps", "1", "--batch", "1",
       "--reps", "1"]),
-    ("leffa_loss", 0.07,
+    ("leffa_loss", 0.05,
      ["--n", "12288", "--reps", "5"],
      ["--n", "64", "--reps", "1"]),
-    ("train_step", 0.45,
+    ("train_step", 0.30,
      ["--config", SD15, "--sizes", "512x384", "1024x768", "--batch", "4", "--steps", "5",
       "--warmup", "2", "--skip", "jax_leffa_mat"],
      ["--config", TINY, "--sizes", "64x48", "--batch", "1", "--channel-mult", "1",
       "--steps", "1", "--warmup", "0", "--jobs", "1", "--variants", "jax_leffa", "torch_leffa"]),
-    ("text2image", 0.13,
+    ("text2image", 0.09,
      ["--height", "512", "--width", "512", "--steps", "30", "--dtype", "bfloat16", "--reps", "2"],
      None),
+    # the other systems' scripts write their own table rows ({"args", "rows"}, rows_generic)
+    ("magic_clothing", 0.09, [], ["--dry-run"]),        # 768x576, 20 UniPC steps x 3 branches, bf16
+    ("face_diffuser", 0.08, ["--sd15", "--dtype", "bfloat16", "--steps", "20"],
+     ["--dry-run"]),                                   # SNF, two calls vs one stacked call
+    ("storymaker", 0.10, ["--model", "sdxl"], ["--dry-run"]),  # 1024^2, 25 steps, LoRA (un)merged
+    ("metrics", 0.05, ["--batch", "64", "--size", "1024x768", "--iters", "5"], ["--dry-run"]),
 )
+# Two device calls of about 8 minutes each: the default (Leffa, text-to-image) and `--stages
+# systems` (= the four stages below it). The test suite dry-runs the default.
+LEFFA_STAGES = ("unet_forward", "sample", "leffa_loss", "train_step", "text2image")
+SYSTEM_STAGES = ("magic_clothing", "face_diffuser", "storymaker", "metrics")
 
 
 def run_stage(name: str, args: list[str], timeout: float, out_dir: str) -> dict:
@@ -153,8 +171,16 @@ def rows_text2image(d: dict) -> list[list[str]]:
              _ratio(t["generate_s"] if t else None, j["generate_s"]), _pct(j.get("mfu"))]]
 
 
+def rows_generic(d: dict) -> list[list[str]]:
+    """Rows a stage script wrote itself: {"rows": [[benchmark, setting, JAX, baseline, ratio,
+    MFU], ...]}."""
+    return [[str(c) for c in row] for row in d["rows"]]
+
+
 ROWS = {"unet_forward": rows_unet_forward, "sample": rows_sample, "leffa_loss": rows_leffa_loss,
-        "train_step": rows_train_step, "text2image": rows_text2image}
+        "train_step": rows_train_step, "text2image": rows_text2image,
+        "magic_clothing": rows_generic, "face_diffuser": rows_generic,
+        "storymaker": rows_generic, "metrics": rows_generic}
 
 
 def markdown(results: dict[str, dict], machine: str) -> str:
@@ -192,22 +218,25 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="total time for all stages, shared by their weights (default 480 s; "
                          "1800 s with --dry-run, where the CPU compiles are the slow part)")
-    ap.add_argument("--stages", nargs="+", default=[s[0] for s in STAGES],
-                    choices=[s[0] for s in STAGES], help="run only these (default all)")
+    ap.add_argument("--stages", nargs="+", default=list(LEFFA_STAGES),
+                    choices=[s[0] for s in STAGES] + ["systems"],
+                    help="run only these (default: the Leffa and text-to-image stages; "
+                         "'systems' = Magic Clothing, Face-diffuser, StoryMaker, metrics)")
     ap.add_argument("--out", help="also write the table (markdown) and raw JSON to this folder")
     ap.add_argument("--verbose", action="store_true", help="print each stage's own output too")
     args = ap.parse_args(argv)
+    args.stages = [n for s in args.stages for n in (SYSTEM_STAGES if s == "systems" else [s])]
     if not args.dry_run and not os.path.isdir(os.path.join(SD15, "unet")):
         raise SystemExit(f"no SD1.5-inpainting config at {SD15}: the suite needs ../shared/configs")
     budget = args.budget_s or (1800.0 if args.dry_run else 480.0)
     out_dir = args.out or tempfile.mkdtemp(prefix="gpu_suite_")
     os.makedirs(out_dir, exist_ok=True)
     results = {}
-    for name, share, gpu_args, dry_args in STAGES:
-        if name not in args.stages or (args.dry_run and dry_args is None):
-            continue
+    chosen = [s for s in STAGES if s[0] in args.stages and not (args.dry_run and s[3] is None)]
+    total_share = sum(s[1] for s in chosen)
+    for name, share, gpu_args, dry_args in chosen:
         res = run_stage(name, dry_args if args.dry_run else gpu_args,
-                        max(30.0, share * budget), out_dir)
+                        max(30.0, share / total_share * budget), out_dir)
         results[name] = res
         print(f"{name}: {res['status']} in {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
         if args.verbose or res["status"] != "ok":

@@ -29,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import counted_flops, has_gpu, measured_matmul_tflops, time_fn  # noqa: E402
+from benchlib import counted_flops, has_gpu, measured_matmul_tflops, time_fn, torch_sd_components  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared")
@@ -163,21 +163,10 @@ def run_jax(args) -> dict:
 def run_torch(args) -> dict:
     import diffusers
     import torch
-    import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    folder = args.folder
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel.from_config(
-        diffusers.UNet2DConditionModel.load_config(os.path.join(folder, "unet")))
-    vae = diffusers.AutoencoderKL.from_config(
-        diffusers.AutoencoderKL.load_config(os.path.join(folder, "vae")))
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig.from_pretrained(os.path.join(folder, "text_encoder")))
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-        config = json.load(f)
+    unet, vae, text_encoder, tokenizer, config = torch_sd_components(args.folder)
     classes = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
                "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler"}
     scheduler = getattr(diffusers, classes[args.scheduler]).from_config(config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 
@@ -93,3 +94,58 @@ def run_reporting_errors(run, args, done, program: str = "leffa_jax.sample") -> 
         return 2
     print(done(written))
     return 0
+
+
+def step_ticker(bar, steps: int):
+    """A per-step progress callback `tick(i)` (i = 0-based step index, repeats and retraces
+    ignored) that advances `bar` by the steps not yet counted, never past `steps`."""
+    done = [0]
+
+    def tick(i: int) -> None:
+        reached = min(int(i) + 1, steps)
+        if reached > done[0]:
+            bar.update(reached - done[0])
+            done[0] = reached
+
+    return tick
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name piece from a prompt: lowercase, runs of other characters -> `_`."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
+
+
+def compute_dtype(name: str) -> str:
+    """`--dtype`: "auto" -> float32 on CPU, bfloat16 on accelerators; else the name."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def sample_prompts(args, sample) -> list[str]:
+    """The prompt loop of the sampling CLIs. For each `args.prompt[i]`, `sample(i, prompt,
+    progress)` -> a list of (H, W, 3) uint8 images (`progress(step)` is the per-step callback,
+    None with --no-progress). Writes `<nnn>_<slug>.png` per image and `grid.png` (a row per
+    prompt), each atomically; -> the paths written, grid last."""
+    from leffa_jax import imageio
+
+    steps = args.steps
+    bar = progress_bar(len(args.prompt) * steps, f"{len(args.prompt)} prompt(s)",
+                       not args.no_progress)
+    written, rows, count = [], [], 0
+    for index, prompt in enumerate(args.prompt):
+        tick = step_ticker(bar, steps)
+        images = list(sample(index, prompt, None if args.no_progress else tick))
+        tick(steps - 1)
+        for image in images:
+            path = os.path.join(args.out, f"{count:03d}_{slug(prompt)}.png")
+            imageio.save_png(path, image)
+            written.append(path)
+            count += 1
+        rows.append(images)
+    bar.close()
+    grid_path = os.path.join(args.out, "grid.png")
+    imageio.save_png(grid_path, imageio.grid(rows))
+    return [*written, grid_path]

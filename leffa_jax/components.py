@@ -103,6 +103,20 @@ def _build_vae(config_folder: str, *, rngs):
     return AutoencoderKL(VAEConfig.from_json(config_folder), rngs=rngs)
 
 
+# diffusers < 0.18 VAE attention names (AttentionBlock; e.g. SD1.5's vae/ and the Face-diffuser
+# checkpoints) -> the current ones; diffusers converts them the same way when it loads.
+LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def legacy_vae_key(key: str) -> str:
+    """A VAE file key with the pre-0.18 attention names (`.attentions.0.query.weight`) renamed
+    to the current ones (`.attentions.0.to_q.weight`); other keys unchanged."""
+    parts = key.split(".")
+    if len(parts) >= 3 and "attentions" in parts[:-2] and parts[-2] in LEGACY_VAE_ATTENTION:
+        return ".".join(parts[:-2] + [LEGACY_VAE_ATTENTION[parts[-2]], parts[-1]])
+    return key
+
+
 def _unet_options(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     shape = shapes.get("conv_in.weight")
     return {"in_channels": shape[1]} if shape is not None else {}
@@ -156,7 +170,8 @@ def _clip_kind(name: str, class_name: str, folder: str, tower: str) -> Component
 KINDS: dict[str, ComponentKind] = {
     "unet": ComponentKind("unet", _build_unet, "unet", options=("in_channels",),
                           options_from_tensors=_unet_options),
-    "vae": ComponentKind("vae", _build_vae, "vae", default_dtype="float32"),
+    "vae": ComponentKind("vae", _build_vae, "vae", default_dtype="float32",
+                         canonical_key=lambda key: legacy_vae_key(key)),
     # transformers CLIP (leffa_jax.nn.clip): the class each kind builds
     "clip_text": _clip_kind("clip_text", "CLIPTextModel", "text_encoder", "text_model."),
     "clip_text_projection": _clip_kind("clip_text_projection", "CLIPTextModelWithProjection",
@@ -167,6 +182,17 @@ KINDS: dict[str, ComponentKind] = {
                                          "CLIPVisionModelWithProjection", "image_encoder",
                                          "vision_model."),
 }
+
+
+def _build_postfuse(config_folder: str, *, rngs):
+    from leffa_jax.nn.postfuse import build_postfuse
+
+    return build_postfuse(config_folder, rngs=rngs)
+
+
+# Face-diffuser's post-fusion MLP (leffa_jax.nn.postfuse; config.json {"embed_dim": D}).
+KINDS["postfuse"] = ComponentKind("postfuse", _build_postfuse, "postfuse",
+                                  weight_files=("postfuse.safetensors",))
 # transformers `architectures` -> kind (plain transformers CLIP folders).
 CLIP_ARCHITECTURES = {"CLIPTextModel": "clip_text",
                       "CLIPTextModelWithProjection": "clip_text_projection",

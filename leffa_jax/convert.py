@@ -5,6 +5,12 @@
     to-torch  --flax DIR --out FILE.pth|.safetensors
     to-diffusers --flax DIR --out DIR  (a diffusers folder, or a transformers CLIP folder)
     verify    --checkpoint FILE --base-config DIR|NAME  (PyTorch -> Flax -> PyTorch is bit-exact)
+    face-diffuser --checkpoint SDM_or_TDM.bin --base SD15_DIR [--clip DIR] --out DIR
+    face-diffuser-to-torch --flax DIR --out pytorch_model.bin
+    storymaker-to-flax   --adapter mask.bin --base SDXL_DIR --out FILE.safetensors
+                         [--adapter-config JSON] [--overwrite]   (StoryMaker adapter)
+    storymaker-to-torch  --adapter FILE.safetensors --out mask.bin|.safetensors [--overwrite]
+    verify-extractor --extractor FILE --base SD15_DIR [--out FILE]  (Magic Clothing)
 
 Base config names (bundled, `leffa_jax.weights.base_configs`): sd15-inpainting, sdxl-inpainting.
 Outputs are checked before any work and written so that a failure leaves nothing behind.
@@ -93,6 +99,28 @@ def _parser() -> argparse.ArgumentParser:
     to_diffusers.add_argument("--out", required=True, help="output folder (new or empty)")
     to_diffusers.add_argument("--overwrite", action="store_true",
                               help="replace an existing model folder at --out as a whole")
+    face = commands.add_parser(
+        "face-diffuser", formatter_class=formatter,
+        help="released Face-diffuser SDM/TDM pytorch_model.bin (or .safetensors) -> leffa_jax "
+             "checkpoint folder (configs from the SD1.5 base folder)")
+    face.add_argument("--checkpoint", required=True, help="SDM/ or TDM/ pytorch_model.bin")
+    face.add_argument("--base", required=True,
+                      help="Stable Diffusion 1.5 diffusers folder (unet/ vae/ text_encoder/ "
+                           "tokenizer/ scheduler/ configs)")
+    face.add_argument("--clip", default=None,
+                      help="SDM only: CLIP ViT-L/14 folder (config.json); unset: the built-in "
+                           "openai/clip-vit-large-patch14 vision config")
+    face.add_argument("--out", required=True, help="output checkpoint folder (new or empty)")
+    face.add_argument("--formats", default="safetensors",
+                      help="comma list of output formats: safetensors, orbax")
+    face.add_argument("--overwrite", action="store_true",
+                      help="replace an existing leffa_jax checkpoint folder at --out")
+    face_back = commands.add_parser(
+        "face-diffuser-to-torch", formatter_class=formatter,
+        help="leffa_jax Face-diffuser SDM/TDM folder -> the official pytorch_model.bin layout")
+    face_back.add_argument("--flax", required=True, help="leffa_jax SDM or TDM folder")
+    face_back.add_argument("--out", required=True,
+                           help="output .bin/.pth (torch.save) or .safetensors file")
     verify = commands.add_parser(
         "verify", formatter_class=formatter,
         help="check that a PyTorch file and a PyTorch->Flax->PyTorch round trip of it are "
@@ -100,7 +128,52 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--checkpoint", required=True,
                         help="official Leffa checkpoint (.pth or .safetensors)")
     verify.add_argument("--base-config", required=True, help=BASE_CONFIG_HELP)
+    extractor = commands.add_parser(
+        "verify-extractor", formatter_class=formatter,
+        help="Magic Clothing: read a garment-extractor .safetensors against an SD1.5 base "
+             "(strict: another architecture or shape is an error; missing keys take the base "
+             "UNet's values, as officially), check that writing it back is bit-exact, and with "
+             "--out write the completed file (every key) in the released layout")
+    extractor.add_argument("--extractor", required=True, help="garment-extractor .safetensors")
+    extractor.add_argument("--base", required=True, help="SD1.5 diffusers folder")
+    extractor.add_argument("--out", help="write the completed released-layout file here")
+    sm_flax = commands.add_parser(
+        "storymaker-to-flax", formatter_class=formatter,
+        help="StoryMaker mask.bin (image_proj_model + ip_adapter) -> leffa_jax adapter file")
+    sm_flax.add_argument("--adapter", required=True, help="the released mask.bin (or a "
+                                                          ".safetensors with its keys)")
+    sm_flax.add_argument("--base", required=True, help="the SDXL base folder (its unet config "
+                                                       "gives the processor order)")
+    sm_flax.add_argument("--adapter-config", default=None,
+                         help="storymaker_adapter.json for non-standard widths (default: from "
+                              "the tensor shapes, dim_head 64)")
+    sm_flax.add_argument("--out", required=True, help="output .safetensors")
+    sm_flax.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    sm_torch = commands.add_parser(
+        "storymaker-to-torch", formatter_class=formatter,
+        help="leffa_jax StoryMaker adapter file -> the released mask.bin layout")
+    sm_torch.add_argument("--adapter", required=True, help="leffa_jax adapter .safetensors")
+    sm_torch.add_argument("--out", required=True,
+                          help="output .bin/.pth (torch.save of {'image_proj_model', "
+                               "'ip_adapter'}) or .safetensors (prefixed keys)")
+    sm_torch.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
+
+
+def _storymaker(args: argparse.Namespace) -> None:
+    from leffa_jax.weights import storymaker as sm_weights
+
+    if args.cmd == "storymaker-to-flax":
+        config = None
+        if args.adapter_config:
+            from leffa_jax.systems.storymaker import AdapterConfig
+
+            config = AdapterConfig.from_json(args.adapter_config)
+        count = sm_weights.official_to_adapter(args.adapter, args.base, args.out, config=config,
+                                               overwrite=args.overwrite)
+    else:
+        count = sm_weights.adapter_to_official(args.adapter, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {count} tensors")
 
 
 def _to_flax(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -136,6 +209,30 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_extractor(args: argparse.Namespace) -> int:
+    """Magic Clothing's extractor file (leffa_jax.weights.plan_magic_clothing)."""
+    import os
+
+    from leffa_jax.systems.magic_clothing import load_magic_clothing, save_extractor
+    from leffa_jax.weights.plan_magic_clothing import extractor_items
+
+    mc = load_magic_clothing(args.base, args.extractor)
+    source = TensorSource(args.extractor)
+    back = dict(extractor_items(mc.model.extractor))
+    differing = [k for k in source.keys() if k in back and (
+        back[k].dtype != source[k].dtype or back[k].tobytes() != source[k].tobytes())]
+    print(f"{len(source.keys())} tensors read, {len(mc.fallback_keys)} missing keys taken from "
+          f"the base UNet" + (f" (e.g. {mc.fallback_keys[:3]})" if mc.fallback_keys else ""))
+    if differing:
+        print(f"round trip differs for {len(differing)} tensors: {differing[:10]}")
+        return 1
+    print(f"round trip bit-exact for all {len(source.keys())} tensors of the file")
+    if args.out:
+        count = save_extractor(mc, os.fspath(args.out))
+        print(f"wrote {args.out}: {count} tensors (released layout)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -145,9 +242,25 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "to-diffusers":
             written = flax_to_folder(args.flax, args.out, overwrite=args.overwrite)
             print(f"wrote {args.out}: {written}")
+        elif args.cmd.startswith("storymaker-"):
+            _storymaker(args)
+        elif args.cmd == "face-diffuser":
+            from leffa_jax.weights import plan_face_diffuser
+
+            entries = plan_face_diffuser.official_to_flax(
+                args.checkpoint, args.base, args.out, clip_dir=args.clip, formats=args.formats,
+                overwrite=args.overwrite)
+            print(f"wrote {args.out}: components {entries}")
+        elif args.cmd == "face-diffuser-to-torch":
+            from leffa_jax.weights import plan_face_diffuser
+
+            count = plan_face_diffuser.flax_to_official(args.flax, args.out)
+            print(f"wrote {args.out}: {count} tensors")
         elif args.cmd == "to-torch":
             count = flax_to_torch(args.flax, args.out)
             print(f"wrote {args.out}: {count} tensors")
+        elif args.cmd == "verify-extractor":
+            return _verify_extractor(args)
         else:
             return _verify(args)
     except (ValueError, OSError) as e:  # CheckpointError, ConfigError, unwritable outputs

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from leffa_jax import components
+from leffa_jax.nn.abstract import abstract_init
 from leffa_jax.nn.layers import resize_nearest_torch
 from leffa_jax.nn.unet import UNet, UNetOutput
 from leffa_jax.nn.vae import Posterior
@@ -133,7 +134,7 @@ class LeffaModel(nnx.Module):
                     ref_in_channels: int = REF_IN_CHANNELS) -> LeffaModel:
         """Build from flat {'<component>.<flax path>': array} (strictly checked)."""
         config_dir = resolve_base_config(config_dir)
-        model = nnx.eval_shape(lambda: cls(config_dir, rngs=nnx.Rngs(0),
+        model = abstract_init(lambda: cls(config_dir, rngs=nnx.Rngs(0),
                                            gen_in_channels=gen_in_channels,
                                            ref_in_channels=ref_in_channels))
         for component in components.leffa_components(gen_in_channels, ref_in_channels):
@@ -203,7 +204,7 @@ def random_official_checkpoint(config_dir: str, path: str, seed: int = 0, scale:
                                ) -> str:
     """Write a random Leffa checkpoint in the OFFICIAL layout (torch names, NCHW) — what the
     demo and tests convert. Parameters are drawn off-init so norms and biases matter."""
-    model = nnx.eval_shape(lambda: LeffaModel(config_dir, rngs=nnx.Rngs(0)))
+    model = abstract_init(lambda: LeffaModel(config_dir, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
     items = []
     for component in components.LEFFA:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 
-from leffa_jax import cli, imageio
+from leffa_jax import cli
 from leffa_jax.cli import UsageError, run_reporting_errors
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -76,18 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return add_arguments(parser)
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
-
-
-def _dtype(name: str) -> str:
-    if name != "auto":
-        return name
-    import jax
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
 def _check_args(args) -> None:
     """Problems found before the (slow) model load."""
     if args.steps < 1 or args.batch_size < 1:
@@ -116,35 +103,18 @@ def run(args) -> list[str]:
 
     _check_args(args)
     system = t2i.load_text2image(args.model)
-    dtype = _dtype(args.dtype)
-    bar = cli.progress_bar(len(args.prompt) * args.steps, f"{len(args.prompt)} prompt(s)",
-                           not args.no_progress)
-    written, rows = [], []
-    for index, prompt in enumerate(args.prompt):
-        done = [0]
+    dtype = cli.compute_dtype(args.dtype)
 
-        def tick(i, done=done):
-            if i + 1 > done[0]:
-                bar.update(min(i + 1, args.steps) - done[0])
-                done[0] = min(i + 1, args.steps)
-
-        out = t2i.generate(
+    def sample(index, prompt, progress):
+        return t2i.generate(
             system, prompt, negative_prompt=args.negative_prompt, prompt_2=args.prompt_2,
             negative_prompt_2=args.negative_prompt_2, steps=args.steps, guidance=args.guidance,
             guidance_rescale=args.guidance_rescale, height=args.height, width=args.width,
             num_images_per_prompt=args.batch_size, scheduler=args.scheduler,
             seed=args.seed + index, dtype=dtype, vae_dtype=args.vae_dtype,
-            progress=None if args.no_progress else tick)
-        bar.update(args.steps - done[0])
-        for j, image in enumerate(out.images):
-            path = os.path.join(args.out, f"{index * args.batch_size + j:03d}_{_slug(prompt)}.png")
-            imageio.save_png(path, image)
-            written.append(path)
-        rows.append(list(out.images))
-    bar.close()
-    grid_path = os.path.join(args.out, "grid.png")
-    imageio.save_png(grid_path, imageio.grid(rows))
-    return [*written, grid_path]
+            progress=progress).images
+
+    return cli.sample_prompts(args, sample)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

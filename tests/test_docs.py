@@ -120,7 +120,7 @@ def commands(doc: str) -> list[tuple[int, str, list[str]]]:
         text = re.sub(r"\\\n", " ", block["code"])
         for line in text.splitlines():
             line = re.sub(r"(^|\s)#.*", "", line)
-            m = re.search(r"python\S* -m leffa_jax\.(\w+)(.*)", line)
+            m = re.search(r"python\S* -m leffa_jax\.([\w.]+)(.*)", line)
             m = m or re.search(r"(launch_tpu)\.sh(.*)", line)
             if m:
                 words = shlex.split(m[2].replace("[", " ").replace("]", " "))
@@ -162,8 +162,10 @@ def check_command(module: str, args: list[str], helps: dict) -> list[str]:
     problems = []
     if module != "launch_tpu":  # launch_tpu.sh: only its trainer config overrides are checked
         sub = [args[0]] if module == "convert" and args and not args[0].startswith("-") else []
-        if module == "sample" and "text2image" in args:  # its own parser (sample_text2image.py)
-            sub = ["--task", "text2image"]
+        if module == "sample" and "--task" in args[:-1]:  # tasks with their own parser
+            from leffa_jax.sample import TASK_MODULES
+            task = args[args.index("--task") + 1]
+            sub = ["--task", task] if task in TASK_MODULES else []
         key = (module, *sub)
         if key not in helps:
             helps[key] = help_text(module, sub)

@@ -244,3 +244,37 @@ def test_module_entry_point_help():
         timeout=120,
     )
     assert r.returncode == 0 and "--garment-type" in r.stdout and "--pairs" in r.stdout
+
+
+def test_prompt_loop_writes_every_image_and_a_row_per_prompt(tmp_path):
+    """`cli.sample_prompts`, the loop of the text2image/characters commands: names, grid layout
+    and progress counted once per step even when the callback repeats or overshoots."""
+    import argparse
+    import io
+
+    from leffa_jax import cli
+
+    args = argparse.Namespace(prompt=["A red cat!", ""], steps=3, no_progress=False,
+                              out=str(tmp_path))
+    seen = []
+
+    def sample(index, prompt, progress):
+        for i in (0, 0, 1, 5):  # a repeat and an overshoot
+            progress(i)
+        seen.append((index, prompt))
+        return [np.full((4, 6, 3), 40 * index + j, np.uint8) for j in range(2)]
+
+    written = cli.sample_prompts(args, sample)
+    names = [p.rsplit("/", 1)[1] for p in written]
+    assert names == ["000_a_red_cat.png", "001_a_red_cat.png", "002_empty.png",
+                     "003_empty.png", "grid.png"]
+    assert seen == [(0, "A red cat!"), (1, "")]
+    assert np.asarray(Image.open(written[3]))[0, 0, 0] == 41
+    grid = np.asarray(Image.open(written[-1]))
+    assert grid.shape == (2 * (4 + 2) + 2, 2 * (6 + 2) + 2, 3)  # two rows of two, 2-px pad
+    assert grid[2 + 6, 2 + 8 + 1, 0] == 41  # row 2, tile 2
+    bar = cli.progress_bar(3, "t", file=io.StringIO())
+    tick = cli.step_ticker(bar, 3)
+    for i in (0, 0, 2, 7, 1):
+        tick(i)
+    assert bar.n == 3

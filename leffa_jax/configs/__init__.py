@@ -19,9 +19,9 @@ _PREFIX = "leffa_jax.configs."
 
 
 def names() -> list[str]:
-    """The packaged configs' names (e.g. "tryon_512")."""
+    """The packaged configs' names (e.g. "tryon_512"); `*common.py` files hold shared defaults."""
     return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                  if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+                  if f.endswith(".py") and f != "__init__.py" and not f.endswith("common.py"))
 
 
 def get_config(name: str):

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from leffa_jax.nn.abstract import abstract_init
 from leffa_jax.nn.attention import multihead_attention, split_heads
 from leffa_jax.nn.clip_config import CLIPTextConfig, CLIPVisionConfig
 from leffa_jax.nn.config import ConfigError
@@ -381,7 +382,7 @@ def clip_params_to_torch(model: nnx.Module) -> dict[str, np.ndarray]:
 def clip_from_params(model_cls: type, config, params: Mapping[str, np.ndarray]) -> nnx.Module:
     """Build `model_cls(config)` holding exactly `params` (flat Flax paths), without random init.
     Missing, unexpected or mis-shaped parameters raise a ConfigError listing them."""
-    abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_init(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     want = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
     missing = sorted(set(want) - set(params))

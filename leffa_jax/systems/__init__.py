@@ -12,6 +12,10 @@ import importlib
 
 TASKS: dict[str, str] = {
     "leffa": "leffa_jax.systems.leffa:LeffaTask",
+    "magic_clothing": "leffa_jax.systems.magic_clothing:MagicClothingTask",
+    "face_diffuser_sdm": "leffa_jax.systems.face_diffuser:SubjectModelTask",
+    "face_diffuser_tdm": "leffa_jax.systems.face_diffuser:TextModelTask",
+    "storymaker": "leffa_jax.systems.storymaker_train:StoryMakerTask",
 }
 DEFAULT_TASK = "leffa"  # for configs written before `config.task` existed
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from leffa_jax import components as components_lib
 from leffa_jax.components import Component
+from leffa_jax.nn.abstract import abstract_init
 from leffa_jax.weights.tensor_io import CheckpointError
 
 
@@ -20,7 +21,7 @@ def abstract_module(component: Component | str, config_dir: str,
     from flax import nnx
 
     component = components_lib.as_component(component, in_channels)
-    return nnx.eval_shape(lambda: components_lib.build(component, config_dir,
+    return abstract_init(lambda: components_lib.build(component, config_dir,
                                                        rngs=nnx.Rngs(0)))
 
 

@@ -1,0 +1,226 @@
+"""Magic Clothing training (never released by the authors) as a Task of the generic trainer.
+
+What is known (MAGIC_CLOTHING_REFERENCE.md section 6): only the garment extractor is trained,
+initialised from the base UNet; denoiser, VAE and text encoder are frozen; a dropped garment is
+zero features. One loss evaluation (`MagicClothingTask.loss`):
+
+    1. frozen VAE: z = posterior SAMPLE of the person x sf; z_g = posterior MEAN of the garment
+       x its cloth mask (as at inference) x sf;
+    2. per sample u ~ U(0, 1): garment dropped when u < p_g or p_g + p_t <= u < p_g + p_t + p_gt,
+       text dropped (empty prompt) when p_g <= u < p_g + p_t + p_gt (defaults 0.05 each:
+       `train.garment_drop_prob`, `text_drop_prob`, `both_drop_prob`), so every branch of the
+       joint guidance [neg|0, neg|g, pos|g] is learned;
+    3. t ~ U{0..T-1}, z_t = add_noise(z, eps, t); feats = extractor(z_g, 0, empty-prompt context)
+       (its post-norm1 states), zeroed for dropped garments; eps_hat = unet(z_t, t, text context,
+       reference_features=feats);
+    4. loss = ||eps_hat - eps||^2 [+ the Leffa flow loss on the denoiser's attention over the
+       garment tokens, `leffa.enabled`, the person's garment region as target mask].
+
+`model.base`: an SD1.5 diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), ""
+for the tiny random SD1.5 of the shared fixtures (demo, tests); `model.init`: "base" (extractor
+= a copy of the denoiser) or "extractor:FILE" (resume from a released-layout file).
+`model.train_denoiser` also trains the denoiser (only for the tiny demo, whose base is random).
+Export: `garment_extractor.safetensors` in the released layout (the official code loads it).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from leffa_jax import schedulers
+from leffa_jax.objectives import epsilon_mse, flow_probe, leffa_loss_from_flows, selected_layers
+from leffa_jax.systems import magic_clothing as mc_lib
+from leffa_jax.systems.leffa import check_data, leffa_loss_config
+from leffa_jax.training.config import ConfigError
+from leffa_jax.training.task import Task
+
+EXPORT_FILE = "garment_extractor.safetensors"
+
+
+def base_config():
+    """Defaults of the Magic Clothing training configs (configs/magic_clothing_*.py): the generic
+    loop's and the try-on data section's (configs/common.py), plus captions and the condition
+    dropout. The authors released no hyper-parameters (reference section 6): the dropout (0.05
+    garment, 0.05 text, 0.05 both) follows IMAGDressing-v1, the closest published recipe; lr,
+    batch and steps are choices."""
+    from leffa_jax.configs.common import base_config as leffa_base
+
+    c = leffa_base()
+    c.task = "magic_clothing"
+    c.model.base = ""                 # SD1.5 diffusers folder; "" = the tiny fixture model
+    c.model.vae = ""                  # optional separate VAE folder (e.g. sd-vae-ft-mse)
+    c.model.init = "base"             # base | extractor:FILE
+    c.model.train_denoiser = False    # the paper freezes it
+    c.train.garment_drop_prob = 0.05
+    c.train.text_drop_prob = 0.05
+    c.train.both_drop_prob = 0.05
+    c.data.flip_prob = 0.0            # garment masks are read by name
+    c.data.captions = ""              # captions file ({name: caption} json or name<TAB>caption)
+    c.data.caption_template = "a photography of a model, best quality, high quality"
+    return c
+
+
+def tiny_base() -> str:
+    """The tiny random SD1.5 folder of the shared fixtures (LEFFA_SHARED or ../shared)."""
+    shared = os.environ.get("LEFFA_SHARED") or str(
+        pathlib.Path(__file__).resolve().parents[3] / "shared")
+    return os.path.join(shared, "fixtures", "magic_clothing", "model")
+
+
+class MagicClothingTask(Task):
+    name = "magic_clothing"
+    components = ("vae", "text_encoder", "unet", "extractor")
+    trainable = ("extractor",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.model.get("train_denoiser", False):
+            self.trainable = ("extractor", "unet")
+        self.dtype = jnp.dtype(config.train.dtype)
+        self.image_hw = (int(config.data.height), int(config.data.width))
+        self.loss_config = leffa_loss_config(config) if config.get("leffa") else None
+        self.mc: mc_lib.MagicClothing | None = None
+        self.schedule = None
+        self.latent_hw = None
+        self.null_ids = None
+
+    # ------------------------------------------------------------------ config
+    def base(self) -> str:
+        return self.config.model.base or tiny_base()
+
+    def validate(self) -> None:
+        c = self.config
+        if c.train.batch_size != c.data.batch_size:
+            raise ConfigError(f"train.batch_size {c.train.batch_size} != data.batch_size "
+                              f"{c.data.batch_size}: set both (or only train.batch_size)")
+        if not os.path.isdir(self.base()):
+            raise ConfigError(f"model.base {self.base()} is not a folder: give an SD1.5 "
+                              "diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
+        kind, _, path = c.model.init.partition(":")
+        if c.model.init != "base" and (kind != "extractor" or not os.path.isfile(path)):
+            raise ConfigError(f"model.init={c.model.init!r}: use 'base' (the extractor starts as "
+                              "a copy of the denoiser) or 'extractor:FILE' (an existing "
+                              "released-layout .safetensors)")
+        probs = [float(c.train.get(k, 0.05)) for k in ("garment_drop_prob", "text_drop_prob",
+                                                        "both_drop_prob")]
+        if min(probs) < 0 or sum(probs) > 1:
+            raise ConfigError(f"train.garment/text/both_drop_prob {probs}: each >= 0, sum <= 1")
+        if float(c.data.get("flip_prob", 0.0)) > 0:
+            raise ConfigError("data.flip_prob > 0: garment masks are read by file name, so "
+                              "flips would desynchronise them; set --config.data.flip_prob=0")
+        captions = c.data.get("captions")
+        if captions and not os.path.isfile(captions):
+            raise ConfigError(f"data.captions {captions} not found (or '' for the template)")
+        check_data(c.data)
+
+    # ------------------------------------------------------------------ model and data
+    def init_model(self):
+        kind, _, path = self.config.model.init.partition(":")
+        self.mc = mc_lib.load_magic_clothing(self.base(), path if kind == "extractor" else None,
+                                             vae=self.config.model.get("vae") or None)
+        return self.mc.model
+
+    def prepare(self, model):
+        from leffa_jax.systems.text2image import _ScheduleSource
+
+        if self.mc is None or self.mc.model is not model:
+            raise ValueError("MagicClothingTask.prepare: pass the model from init_model()")
+        config = self.mc.system.scheduler_config
+        self.schedule = schedulers.schedule_for_model(
+            _ScheduleSource(config, model.config_dir),
+            rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr")))
+        factor = model.vae_factor
+        self.latent_hw = (self.image_hw[0] // factor, self.image_hw[1] // factor)
+        self.null_ids = jnp.asarray(mc_lib.tokenize(self.mc, [""]))
+        return super().prepare(model)
+
+    def batch_shapes(self):
+        h, w = self.image_hw
+        return {"person": (h, w, 3), "garment": (h, w, 3), "garment_cloth_mask": (h, w, 1),
+                "garment_mask": (h, w, 1), "input_ids": (77,)}
+
+    def dataset(self, split: str = "train"):
+        from leffa_jax.data.garment_text import make_garment_text_dataset
+        from leffa_jax.systems.text2image_model import load_tokenizer
+
+        tokenizer = (self.mc.tokenizer if self.mc is not None else
+                     load_tokenizer(os.path.join(self.base(), "tokenizer")))
+        return make_garment_text_dataset(self.config.data, tokenizer, split)
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, params, frozen, batch, rng):
+        dtype, schedule, c = self.dtype, self.schedule, self.config
+        m = self.modules({**frozen, **params}, dtype)
+        kernel = c.model.attention_kernel
+        remat = bool(c.train.remat)
+        b = batch["person"].shape[0]
+        k_post, k_t, k_noise, k_drop = jax.random.split(rng, 4)
+        vae, sf = m["vae"], m["vae"].config.scaling_factor
+        post = vae.encode(batch["person"].astype(dtype))
+        z = jax.lax.stop_gradient(vae.sample_posterior(
+            post, jax.random.normal(k_post, post.mean.shape, dtype)) * sf).astype(jnp.float32)
+        garment = batch["garment"] * batch["garment_cloth_mask"]
+        z_g = jax.lax.stop_gradient(vae.encode(garment.astype(dtype)).mean * sf)
+        u = jax.random.uniform(k_drop, (b,))
+        pg, pt, pb = (float(c.train.get(k, 0.05)) for k in ("garment_drop_prob",
+                                                             "text_drop_prob", "both_drop_prob"))
+        drop_g = (u < pg) | ((u >= pg + pt) & (u < pg + pt + pb))
+        drop_t = (u >= pg) & (u < pg + pt + pb)
+        ids = jnp.where(drop_t[:, None], self.null_ids, batch["input_ids"])
+        text = m["text_encoder"](jnp.concatenate([self.null_ids, ids]), dtype=dtype)
+        text = jax.lax.stop_gradient(text.last_hidden_state)
+        null, context = text[:1], text[1:]
+        feats = m["extractor"](z_g.astype(dtype), jnp.zeros((), jnp.int32),
+                               jnp.broadcast_to(null, (b,) + null.shape[1:]),
+                               collect_features=True, attention_kernel=kernel,
+                               remat=remat).features
+        keep = (~drop_g).astype(dtype)[:, None, None]
+        feats = [f * keep for f in feats]
+        t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+        noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+        z_t = schedulers.add_noise(schedule, z, noise, t).astype(dtype)
+        use_leffa = self.loss_config is not None and bool(c.leffa.enabled)
+        probe = None
+        if use_leffa:
+            layers = selected_layers(m["unet"], self.latent_hw, self.image_hw, self.loss_config)
+            probe = flow_probe(layers, self.loss_config.tau, fused=self.loss_config.fused,
+                               chunk_size=self.loss_config.chunk_size)
+        out = m["unet"](z_t, t, context, reference_features=feats, probe=probe,
+                        attention_kernel=kernel, remat=remat)
+        mse = epsilon_mse(out.sample, noise)
+        flow = jnp.zeros((), jnp.float32)
+        if use_leffa:
+            t_gate = jnp.where(drop_g, schedule.num_train_timesteps, t)
+            flow = leffa_loss_from_flows(out.probes, garment, batch["person"],
+                                         batch["garment_mask"], t_gate, self.loss_config)
+        metrics = {"mse": mse, "leffa": flow,
+                   "garment_dropped": jnp.mean(drop_g.astype(jnp.float32)),
+                   "text_dropped": jnp.mean(drop_t.astype(jnp.float32))}
+        return mse + flow, metrics
+
+    # ------------------------------------------------------------------ outputs
+    def export(self, model, params, frozen, out_dir: str) -> None:
+        """out_dir/garment_extractor.safetensors (released layout; written atomically)."""
+        self.load_into(model, params, frozen)
+        os.makedirs(out_dir, exist_ok=True)
+        mc_lib.write_extractor(model.extractor, os.path.join(out_dir, EXPORT_FILE),
+                               overwrite=True)
+
+    def image_row(self, model, params, frozen, host_batch):
+        """garment (masked) | person | sample from the template caption (joint guidance)."""
+        from leffa_jax import viz
+
+        self.load_into(model, params, frozen)
+        garment = viz.to_uint8(host_batch["garment"][0])
+        mask = (np.asarray(host_batch["garment_cloth_mask"][0, ..., 0]) * 255).astype(np.uint8)
+        h, w = self.image_hw
+        out = mc_lib.generate(self.mc, garment, self.config.data.get("caption_template") or None,
+                              garment_mask_image=mask, a_prompt=None, height=h, width=w,
+                              steps=int(self.config.log.sample_steps), seed=0, shard=False)
+        return [viz.to_uint8(np.asarray(out.garment_pixels[0])),
+                viz.to_uint8(host_batch["person"][0]), out.images[0]]
