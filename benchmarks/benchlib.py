@@ -115,3 +115,22 @@ def torch_sd_components(folder: str) -> tuple:
     with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
         config = json.load(f)
     return unet, vae, text_encoder, tokenizer, config
+
+
+def run_side(cmd: list[str], side: str, cwd: str) -> dict:
+    """Run one side of a side-by-side benchmark in its own process (`cmd` prints one line
+    `RESULT <json>`): -> that dict plus its wall time `wall_s`; exits naming the side, with
+    the tail of its output, when it fails."""
+    import json
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{side} side failed (exit {p.returncode})")
+    result = {**json.loads(line[0][7:]), "wall_s": time.perf_counter() - t0}
+    print(f"{side}: done in {result['wall_s']:.0f} s", file=sys.stderr)
+    return result

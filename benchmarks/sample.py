@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import counted_flops, has_gpu, measured_matmul_tflops  # noqa: E402
+from benchlib import counted_flops, has_gpu, measured_matmul_tflops, run_side  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_TFLOPS = {
@@ -421,15 +420,7 @@ def main(argv=None) -> int:
             cmd.append("--ref-acceleration")
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
-        t = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{side} side failed (exit {p.returncode})")
-        results[side] = json.loads(line[0][7:])
-        results[side]["wall_s"] = time.perf_counter() - t
-        print(f"{side}: done in {results[side]['wall_s']:.0f} s", file=sys.stderr)
+        results[side] = run_side(cmd, side, REPO)
     print(json.dumps(results, indent=1))
     print(table(results))
     if args.json:

@@ -212,3 +212,5 @@ def test_character_data(tmp_path):
     np.testing.assert_allclose(m, np.concatenate([rot, shift[:, None]], 1), atol=1e-9)
     with pytest.raises(DataError, match="num_characters"):
         ch.CharacterSource(root, 3)
+    with pytest.raises(DataError, match="read_threads must be >= 0"):
+        ch.make_character_dataset(root, s, toks, batch_size=2, read_threads=-1)

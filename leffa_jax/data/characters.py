@@ -273,6 +273,9 @@ def make_character_dataset(root: str, settings: CharacterSettings, tokenizers, *
     `batch_size // process_count`. `iter(...)` has get_state()/set_state(). `read_threads`
     prepare samples ahead, at most two batches (Grain's default, 16 threads and 500 samples
     ahead, kept 2 CPU cores busy on samples a short run never used)."""
+    if read_threads < 0:
+        raise DataError(f"data.read_threads must be >= 0 (0: prepare on the training thread), "
+                        f"got {read_threads}")
     if batch_size % process_count:
         raise DataError(f"data.batch_size {batch_size} is not divisible by {process_count} "
                         "processes")
