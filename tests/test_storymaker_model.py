@@ -69,20 +69,43 @@ def _eps(graphdef, state, x, t, context, pooled, time_ids):
                            time_ids=time_ids, ip_scale=0.8).sample
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_noise_prediction_every_step(system, name):
-    """Both CFG rows of all 4 steps in one UNet call (8 rows) from the recorded context."""
+def _check_noise_prediction(unet, name):
+    """Both CFG rows of all 4 recorded steps in one UNet call (8 rows) from the recorded context
+    against the official noise predictions (<= 1e-4)."""
     f = load_npz(name)
     steps = f["unet_in"].shape[0]
     x = _nhwc(f["unet_in"].reshape(-1, *f["unet_in"].shape[2:]))
     t = jnp.repeat(jnp.asarray(f["timesteps"], jnp.float32), 2)
     tile = lambda a: jnp.asarray(np.tile(a, (steps,) + (1,) * (a.ndim - 1)))
-    graphdef, state = nnx.split(system.model.unet)
+    graphdef, state = nnx.split(unet)
     eps = np.asarray(_eps(graphdef, state, x, t, tile(f["encoder_hidden_states"]),
                           tile(f["add_text_embeds"]), tile(f["add_time_ids"])))
     eps = np.moveaxis(eps, -1, 1).reshape(steps, 2, 4, *eps.shape[1:3])
     np.testing.assert_allclose(eps[:, 0], f["noise_pred_uncond"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(eps[:, 1], f["noise_pred_text"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_noise_prediction_every_step(system, name):
+    _check_noise_prediction(system.model.unet, name)
+
+
+def test_merged_lora_matches_the_official_unmerged_run(system):
+    """LoRA merged into the base kernels (`nn/lora.merge_lora`, the fast sampling path) still
+    gives the official noise predictions (computed with the LoRA beside the base weights), and
+    unmerging restores every kernel bit for bit."""
+    from leffa_jax.nn import lora
+
+    unet = system.model.unet
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(unet, nnx.Param)))
+    merged = lora.merge_lora(unet)
+    try:
+        assert merged == len(lora.lora_layers(unet)) > 0
+        _check_noise_prediction(unet, "infer_2char.npz")
+    finally:
+        assert lora.unmerge_lora(unet) == merged
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(unet, nnx.Param)))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
 
 
 def test_processor_order_matches_the_release(system):
