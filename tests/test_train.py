@@ -183,3 +183,24 @@ if __name__ == "__main__":
     from leffa_jax import train
 
     train.run_cli(hooks=_kill_hooks_from_env())
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine", "linear"])
+def test_lr_schedule_closed_form(decay):
+    """Warm-up 0 -> lr over 10 steps, then the decay to 0 at `steps` = 110 (closed forms)."""
+    import math
+
+    from leffa_jax.training.config import ConfigError, validate
+    from leffa_jax.training.state import lr_schedule
+
+    c = tiny_config(**{"train.lr": 2e-3, "train.steps": 110, "train.warmup_steps": 10,
+                       "train.decay": decay})
+    schedule = lr_schedule(c.train)
+    after = {"constant": lambda s: 1.0, "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * s / 100)),
+             "linear": lambda s: 1 - s / 100}[decay]
+    for step in (0, 5, 10, 35, 60, 109, 110):
+        want = 2e-3 * (step / 10 if step < 10 else after(step - 10))
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=2e-9), step  # float32
+    c.train.decay = "exponential"
+    with pytest.raises(ConfigError, match="train.decay must be one of"):
+        validate(c)
