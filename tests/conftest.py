@@ -4,6 +4,7 @@ Fixtures live in `../shared/fixtures` beside the checkout; `LEFFA_SHARED` points
 Under `CI=true` a missing fixture fails the test; elsewhere it skips.
 """
 
+import contextlib
 import os
 import pathlib
 
@@ -62,23 +63,33 @@ def require_module(name: str, hint: str = "make setup installs it"):
     return pytest.importorskip(name, reason=hint)
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent XLA cache for one test: a resumed training run reuses the first run's
-    compiled step instead of compiling it again (minutes on CPU for the big systems)."""
+@contextlib.contextmanager
+def persistent_compilation_cache(folder):
+    """A persistent XLA cache in `folder` while the block runs: a resumed training run reuses the
+    first run's compiled step instead of compiling it again (minutes on CPU for the big
+    systems)."""
     import jax
     from jax._src import compilation_cache as cc
 
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes")
     old = {k: getattr(jax.config, k) for k in keys}
-    for key, value in zip(keys, (str(tmp_path / "xla_cache"), 0.0, 0), strict=True):
+    for key, value in zip(keys, (str(folder), 0.0, 0), strict=True):
         jax.config.update(key, value)
     cc.reset_cache()
-    yield
-    for key, value in old.items():
-        jax.config.update(key, value)
-    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            jax.config.update(key, value)
+        cc.reset_cache()
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """`persistent_compilation_cache` for one test."""
+    with persistent_compilation_cache(tmp_path / "xla_cache"):
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)

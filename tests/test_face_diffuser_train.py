@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from conftest import persistent_compilation_cache, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +74,14 @@ def test_synthetic_subjects_layout(tmp_path, tokenizer):
     assert ex["segmaps"][:n].reshape(n, -1).max(1).min() == 1.0
 
 
-@pytest.mark.slow  # the sharded train step's CPU compile (UNet + CLIP vision + grads): minutes
-def test_sdm_train_resume_export(tmp_path, compilation_cache):
+@pytest.fixture(scope="module")
+def sdm_run(tmp_path_factory):
     """Tiny SDM on the synthetic set, batch 8 over the 8 host devices: 2 steps, stop, resume
-    to 3; finite losses, the export loads as an SDM; the vision tower's first layer stays
-    frozen while its last layer trains."""
+    to 3. -> (config, workdir, [the 3 losses])."""
     from leffa_jax.configs import face_diffuser_tiny
-    from leffa_jax.systems.face_diffuser import load_model
-    from leffa_jax.systems.face_diffuser_train import config_folder, random_model
     from leffa_jax.train import train
 
+    tmp_path = tmp_path_factory.mktemp("fd_sdm")
     c = face_diffuser_tiny.get_config()
     c.train.steps = 3
     c.train.batch_size = 8
@@ -91,11 +90,22 @@ def test_sdm_train_resume_export(tmp_path, compilation_cache):
     c.data.root = str(tmp_path / "data")
     c.log.progress_bar = False
     workdir = str(tmp_path / "run")
-    first = train(c, workdir, max_steps=2)
-    assert first.step == 2
-    resumed = train(c, workdir)
+    with persistent_compilation_cache(tmp_path / "xla_cache"):
+        first = train(c, workdir, max_steps=2)
+        assert first.step == 2
+        resumed = train(c, workdir)
     assert resumed.step == 3
-    losses = [float(m["loss"]) for m in first.metrics + resumed.metrics]
+    return c, workdir, [float(m["loss"]) for m in first.metrics + resumed.metrics]
+
+
+@pytest.mark.slow  # the sharded train step's CPU compile (UNet + CLIP vision + grads): minutes
+def test_sdm_train_resume_export(sdm_run):
+    """Finite losses over the stop and resume, the export loads as an SDM; the vision tower's
+    first layer stays frozen while its last layer trains."""
+    from leffa_jax.systems.face_diffuser import load_model
+    from leffa_jax.systems.face_diffuser_train import config_folder, random_model
+
+    c, workdir, losses = sdm_run
     assert len(losses) == 3 and np.all(np.isfinite(losses))
     exported = load_model(os.path.join(workdir, "export"), layout="sdm")
     start = random_model(config_folder(c.model, "sdm"), "sdm", c.train.seed)
@@ -105,3 +115,38 @@ def test_sdm_train_resume_export(tmp_path, compilation_cache):
                                   np.asarray(start_layers[0].mlp.fc1.kernel[...]))
     assert not np.array_equal(np.asarray(layers[-1].mlp.fc1.kernel[...]),
                               np.asarray(start_layers[-1].mlp.fc1.kernel[...]))
+
+
+@pytest.mark.slow  # a second train-step compile (TDM) and the SNF loop's
+def test_tiny_config_trains_the_tdm_and_samples_with_both(sdm_run, tmp_path, capsys):
+    """The tiny config's documented job end to end: the TDM trained with
+    `--config.task=face_diffuser_tdm`, then `sample --task subject2image` from the two exports
+    (base folder: the fixture's SD1.5 configs + its base VAE) writes images and fusion masks."""
+    from safetensors.numpy import load_file, save_file
+
+    from leffa_jax import sample
+    from leffa_jax.train import train
+
+    c, sdm_dir, _ = sdm_run
+    t = c.copy_and_resolve_references()
+    t.task = "face_diffuser_tdm"
+    t.train.steps = 1
+    tdm_dir = str(tmp_path / "tdm")
+    assert train(t, tdm_dir).step == 1
+    fixture = shared_path("fixtures", "face_diffuser")
+    base = tmp_path / "base"
+    shutil.copytree(fixture / "config" / "base_sd15", base)
+    weights = load_file(str(fixture / "weights.safetensors"))
+    save_file({k[len("base_vae."):]: v for k, v in weights.items() if k.startswith("base_vae.")},
+              str(base / "vae" / "diffusion_pytorch_model.safetensors"))
+    out = tmp_path / "out"
+    argv = ["--task", "subject2image", "--sdm", os.path.join(sdm_dir, "export"),
+            "--tdm", os.path.join(tdm_dir, "export"), "--base", str(base),
+            "--prompt", "a man <|image|> at the beach", "--subject",
+            str(fixture / "refs" / "0" / "0.png"), "--steps", "4", "--merge-start", "1",
+            "--merge-end", "3", "--height", "64", "--width", "64", "--object-resolution", "32",
+            "--save-masks", "--no-progress", "--out", str(out)]
+    assert sample.main(argv) == 0, capsys.readouterr().err
+    names = sorted(os.listdir(out))
+    assert "grid.png" in names and any(n.startswith("000_") for n in names)
+    assert os.listdir(out / "masks")

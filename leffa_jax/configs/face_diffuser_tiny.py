@@ -11,7 +11,12 @@ with `--config.task=face_diffuser_tdm`, the TDM from the tiny random model of th
 
 Hardware: 2 CPU cores. 64x64 images (8x8 latents), objects 32 px, batch 4, 100 steps; expect a
 few minutes per model; the denoising loss falls from about 1. The sampling base folder needs the
-base VAE weights (any SD1.5-layout folder with vae/ weights, tokenizer/ and scheduler/).
+base VAE weights (any SD1.5-layout folder with vae/ weights, tokenizer/ and scheduler/); for
+these random tiny models, the fixture's `config/base_sd15` with its `base_vae.*` weights saved as
+`vae/diffusion_pytorch_model.safetensors` (what
+tests/test_face_diffuser_train.py::test_tiny_config_trains_the_tdm_and_samples_with_both does:
+both models trained, then sampled with these commands). The pictures of random tiny models are
+noise; the job shows the whole path runs.
 """
 
 from leffa_jax.configs.face_diffuser_common import base_config
