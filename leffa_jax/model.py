@@ -114,6 +114,18 @@ class LeffaModel(nnx.Module):
         return cls._from_inpainting_params(folder, plans.plan_folder(folder).read_params(), folder)
 
     @classmethod
+    def random_sd_inpainting(cls, config_dir: str, seed: int = 0) -> LeffaModel:
+        """`from_sd_inpainting` on a randomly initialised SD-inpainting model of `config_dir`
+        (9-channel UNet and VAE): the paper's initialisation structure from random weights, both
+        UNets starting from the same UNet (a reference UNet with weights of its own would give
+        reference tokens the generative attention cannot read, and learns to ignore)."""
+        config_dir = resolve_base_config(config_dir)
+        model = cls(config_dir, rngs=nnx.Rngs(seed), gen_in_channels=9)
+        flat = {f"unet.{k}": v for k, v in module_to_flat(model.unet).items()}
+        flat.update({f"vae.{k}": v for k, v in module_to_flat(model.vae).items()})
+        return cls._from_inpainting_params(config_dir, flat, f"random init of {config_dir}")
+
+    @classmethod
     def _from_inpainting_params(cls, config_dir: str, flat: dict, where: str) -> LeffaModel:
         """`from_sd_inpainting` on flat {'unet.*', 'vae.*'} params of an inpainting model."""
         kernel = flat["unet.conv_in.kernel"]  # (3, 3, 9, C)

@@ -162,6 +162,46 @@ def leffa_loss_from_flows(flows: dict[int, jax.Array], ref_image: jax.Array, tar
                                t_threshold=cfg.t_threshold, kind=cfg.kind)
 
 
-def epsilon_mse(eps_pred: jax.Array, noise: jax.Array) -> jax.Array:
-    """Mean squared error in float32."""
-    return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)))
+def epsilon_mse(eps_pred: jax.Array, noise: jax.Array, weights: jax.Array | None = None
+                ) -> jax.Array:
+    """Mean squared error in float32; `weights` (B,): per-sample weights of the per-sample means
+    (`epsilon_loss_weights`), None: the plain mean."""
+    err = jnp.square(eps_pred.astype(jnp.float32) - noise.astype(jnp.float32))
+    if weights is None:
+        return jnp.mean(err)
+    per_sample = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+    return jnp.mean(weights.astype(jnp.float32) * per_sample)
+
+
+LOSS_WEIGHTINGS = ("uniform", "truncated_snr", "min_snr")
+MAX_LOSS_WEIGHT = 1e3  # bounds 1 / SNR where SNR reaches 0 (zero-terminal-SNR schedules)
+
+
+def epsilon_loss_weights(alphas_cumprod: jax.Array, t: jax.Array, weighting: str = "uniform",
+                         gamma: float = 5.0) -> jax.Array:
+    """(B,) float32 weights of the per-sample epsilon MSE at timesteps t (B,), SNR = a / (1 - a)
+    with a = alphas_cumprod[t]:
+    - "uniform": 1 (DDPM's simple loss; Stable Diffusion's and the papers' training);
+    - "truncated_snr": max(1, 1 / SNR) (Salimans & Ho 2022): the loss becomes max(|x0 error|^2,
+      |eps error|^2), so the noisy steps, where the conditioning decides the picture, weigh as
+      much as the nearly clean ones (bounded by MAX_LOSS_WEIGHT);
+    - "min_snr": min(SNR, gamma) / SNR (Hang et al. 2023, min-SNR-gamma for epsilon)."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    a = jnp.asarray(alphas_cumprod, jnp.float32)[t]
+    snr = a / jnp.maximum(1.0 - a, 1e-12)
+    if weighting == "uniform":
+        return jnp.ones_like(snr)
+    if weighting == "truncated_snr":
+        return jnp.minimum(jnp.maximum(1.0, 1.0 / jnp.maximum(snr, 1.0 / MAX_LOSS_WEIGHT)),
+                           MAX_LOSS_WEIGHT)
+    return jnp.minimum(snr, gamma) / jnp.maximum(snr, 1e-12)
+
+
+def loss_weights(train_config, schedule, t: jax.Array) -> jax.Array | None:
+    """`epsilon_loss_weights` for `config.train.loss_weighting` / `snr_gamma`; None if uniform."""
+    weighting = train_config.get("loss_weighting", "uniform")
+    if weighting == "uniform":
+        return None
+    return epsilon_loss_weights(schedule.alphas_cumprod, t, weighting,
+                                float(train_config.get("snr_gamma", 5.0)))

@@ -267,8 +267,12 @@ def test_base_configs_ship_with_the_package_and_resolve_by_name(tmp_path):
             assert snapshot(path) == snapshot(reference)
         UNetConfig.from_json(path / "unet"), VAEConfig.from_json(path / "vae")
         assert uses_zero_terminal_snr(path) is (name == "sdxl-inpainting")  # the official rule
-    assert sum(f.stat().st_size for f in pathlib.Path(base_configs.ASSETS_DIR).rglob("*")
-               if f.is_file()) < 20_000
+    assets = pathlib.Path(base_configs.ASSETS_DIR)
+    assert sum(f.stat().st_size for f in assets.rglob("*.json")) < 20_000  # configs only
+    # weights: only the demo's tiny try-on baseline (float16), kept small
+    weights = [f for f in assets.rglob("*") if f.is_file() and f.suffix != ".json"]
+    assert [f.parent.name for f in weights] == ["tiny_tryon_baseline"]
+    assert weights[0].stat().st_size < 4_000_000
     assert base_configs.resolve_base_config(tmp_path) == str(tmp_path)  # a folder wins
     with pytest.raises(CheckpointNotFoundError, match="'sd21'.*sd15-inpainting, sdxl-inpainting"):
         base_configs.resolve_base_config("sd21")

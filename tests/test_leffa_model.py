@@ -48,3 +48,24 @@ def test_not_a_leffa_checkpoint(tmp_path):
 
     with pytest.raises(CheckpointError, match="leffa_jax.json"):
         LeffaModel.from_pretrained(str(tmp_path))
+
+
+def test_random_init_has_the_papers_structure():
+    """`model.init = "random"`: both UNets start from the same random SD-inpainting UNet, as from
+    SD-inpainting weights: every reference-UNet tensor equals the generative one, the reference
+    conv_in keeps the 4 noisy-latent channels, the generative conv_in's 3 densepose channels are
+    zero."""
+    import ml_collections
+
+    from leffa_jax.systems.leffa import init_model
+    from leffa_jax.weights.modules import module_to_flat
+
+    model = init_model(ml_collections.ConfigDict(
+        {"model": {"init": "random", "base": "tiny"}, "train": {"seed": 3}}))
+    gen, ref = module_to_flat(model.unet), module_to_flat(model.unet_encoder)
+    assert set(ref) <= set(gen)
+    kernel = gen.pop("conv_in.kernel")
+    assert kernel.shape[2] == 12 and not kernel[:, :, 9:].any() and kernel[:, :, :9].std() > 0
+    np.testing.assert_array_equal(ref.pop("conv_in.kernel"), kernel[:, :, :4])
+    for key, value in ref.items():
+        np.testing.assert_array_equal(value, gen[key], err_msg=key)

@@ -31,6 +31,7 @@ def tiny_config(**over):
     c.data.synthetic.num_train = 16
     c.train.batch_size = 8
     c.data.flip_prob = 0.0
+    c.train.loss_weighting = "uniform"  # losses near 1: the tolerances below are absolute
     c.log.progress_bar = False
     c.sharding_min_size = 0
     for k, v in over.items():
@@ -204,3 +205,28 @@ def test_lr_schedule_closed_form(decay):
     c.train.decay = "exponential"
     with pytest.raises(ConfigError, match="train.decay must be one of"):
         validate(c)
+
+
+def test_epsilon_loss_weights_closed_form():
+    """uniform 1; truncated_snr max(1, 1/SNR) (bounded); min_snr min(SNR, gamma)/SNR; the
+    weighted MSE is the weighted mean of per-sample means (numpy on the same arrays)."""
+    from leffa_jax.objectives import MAX_LOSS_WEIGHT, epsilon_loss_weights, epsilon_mse
+
+    a = np.array([0.999, 0.9, 0.5, 0.1, 1e-5, 0.0], np.float32)
+    t = np.arange(6)
+    snr = a.astype(np.float64) / (1 - a)
+    want = {"uniform": np.ones(6),
+            "truncated_snr": np.minimum(np.maximum(1, 1 / np.maximum(snr, 1e-3)),
+                                        MAX_LOSS_WEIGHT),
+            "min_snr": np.minimum(snr, 5.0) / np.maximum(snr, 1e-12)}
+    for kind, w in want.items():
+        np.testing.assert_allclose(epsilon_loss_weights(a, t, kind, 5.0), w, rtol=1e-5, err_msg=kind)
+    assert float(epsilon_loss_weights(a, t, "min_snr")[-1]) == 0.0
+    with pytest.raises(ValueError, match="loss weighting must be one of"):
+        epsilon_loss_weights(a, t, "snr")
+    rng = np.random.default_rng(0)
+    pred, noise = rng.normal(size=(2, 6, 3, 2, 4)).astype(np.float32)
+    w = want["truncated_snr"].astype(np.float32)
+    per_sample = ((pred - noise) ** 2).reshape(6, -1).mean(1)
+    np.testing.assert_allclose(epsilon_mse(pred, noise, w), (w * per_sample).mean(), rtol=1e-5)
+    np.testing.assert_allclose(epsilon_mse(pred, noise), ((pred - noise) ** 2).mean(), rtol=1e-6)

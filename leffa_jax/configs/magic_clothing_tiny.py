@@ -5,12 +5,15 @@
 
 Hardware: 2 CPU cores. Base: the tiny random SD1.5 of the shared fixtures (32x24 images, CLIP
 width 32, real CLIP vocabulary); because that base is random, the demo trains the denoiser
-together with the extractor (`model.train_denoiser`), unlike the paper. Expect a few minutes
+together with the extractor (`model.train_denoiser`), unlike the paper. The VAE is the one of
+the demo's tiny try-on baseline (`leffa_jax/assets/tiny_tryon_baseline`, trained on this
+synthetic set; `model.vae`), so latents decode to pictures. Expect a few minutes
 (200 steps, batch 8); the epsilon MSE falls from about 1.0; the image grid (garment | person |
 sample from the template caption, joint guidance, UniPC) lands in the workdir's images every
 `log.image_every` steps, and `export/garment_extractor.safetensors` (released layout) at the end.
 """
 
+from leffa_jax.demo import BASELINE_DIR
 from leffa_jax.systems.magic_clothing_train import base_config
 
 
@@ -24,6 +27,8 @@ def get_config():
     c.train.ema_decay = 0.99
     c.train.ema_warmup = True
     c.model.train_denoiser = True
+    c.model.vae = BASELINE_DIR
+    c.train.loss_weighting = "truncated_snr"  # as the Leffa demo (configs/synthetic_tiny.py)
     c.checkpoint.every = 100
     c.checkpoint.keep = 2
     c.log.every = 10

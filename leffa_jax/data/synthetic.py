@@ -13,6 +13,10 @@ edges at integers):
                                                                     (x, y), align_corners=False
 The parameters are saved as JSON beside ``flow_gt/<stem>.npy`` (H, W, 3) float32 = (x, y, valid),
 valid = 1 where the target pixel shows the garment (try-on) or the person (pose transfer).
+Every upper-body garment has the same flat shape, so a person's warp fits any of them: the
+VITON-HD layout also writes ``test/image-unpaired/<person>.jpg``, the exact result of the
+unpaired test pair (the person wearing the garment `test_pairs.txt` lists), and the person's
+``flow_gt`` is that pair's true correspondence too.
 
 Drawing lives in `synthetic_figures.py`; this module writes the dataset layouts. Generation is
 vectorised numpy + PIL drawing: tens of pairs at 128x96 take well under a second.
@@ -36,6 +40,7 @@ from leffa_jax.data.synthetic_figures import (
     densepose_rgb,
     render_pose_pair,
     render_tryon,
+    wear,
 )
 
 __all__ = ["LAYOUTS", "Warp", "make_synthetic_dataset"]
@@ -82,10 +87,17 @@ def _split_counts(num_train, num_test):
 
 
 def write_viton_hd(root, rng, num_train, num_test, h, w, agnostic_mask=True):
+    """VITON-HD layout (see `leffa_jax/data/viton_hd.py`), plus `flow_gt/` and, for the test
+    split, `test/image-unpaired/<person>.jpg`: the exact ground truth of the unpaired try-on of
+    `test_pairs.txt` (that person wearing the listed garment, `synthetic_figures.wear`)."""
     root = epath.Path(root)
     names = {"train": [], "test": []}
+    tests = []
     for split, i in _split_counts(num_train, num_test):
         ex, warp = render_tryon(rng, h, w, "upper_body")
+        if split == "test":
+            tests.append({k: ex[k] for k in ("texture", "undressed", "garment_uv",
+                                             "garment_region")})
         stem = f"{i:05d}_00"
         d = root / split
         for sub in (
@@ -117,6 +129,10 @@ def write_viton_hd(root, rng, num_train, num_test, h, w, agnostic_mask=True):
     (root / "test_pairs.txt").write_text(
         "".join(f"{n} {t[(k + 1) % len(t)]}\n" for k, n in enumerate(t))
     )
+    (root / "test" / "image-unpaired").mkdir(parents=True, exist_ok=True)
+    for k, (n, ex) in enumerate(zip(t, tests, strict=True)):
+        other = tests[(k + 1) % len(tests)]["texture"]
+        _save_jpg(root / "test" / "image-unpaired" / n, wear(ex, other))
 
 
 def write_dresscode(

@@ -250,36 +250,40 @@ def garment_shape(category: str, h: int, w: int, rng) -> tuple[np.ndarray, dict]
 
 
 class Texture:
-    """Smooth colour pattern in the design frame: two colours mixed by coarse stripes, a strong
-    two-dimensional colour ramp (red grows with U, green with V) and a soft round badge, so every
-    garment point has a distinct colour neighbourhood even at 32x24 (what makes the true
-    correspondence recoverable from appearance, and the Leffa loss informative, at demo sizes)."""
+    """Garment pattern in the design frame: one saturated colour of its own (so a try-on of
+    another garment shows at a glance), shaded by a strong smooth two-dimensional ramp (brighter
+    and greener with V, redder along U), with a broad band and a round badge of two more
+    colours. The ramp gives every garment point a distinct colour neighbourhood even at 32x24
+    (what makes the true correspondence recoverable from appearance, and the Leffa loss
+    informative, at demo sizes); the band and badge are details a try-on must carry to the
+    right place."""
 
     def __init__(self, rng):
-        self.c1 = rng.uniform(30, 225, 3)
-        self.c2 = rng.uniform(30, 225, 3)
-        self.c3 = rng.uniform(0, 255, 3)
-        th = rng.uniform(0, np.pi)
-        self.k1 = np.array([np.cos(th), np.sin(th)]) * 2 * np.pi / rng.uniform(70, 110)
-        self.k2 = np.array([-np.sin(th), np.cos(th)]) * 2 * np.pi / rng.uniform(80, 140)
-        self.badge = np.array([rng.uniform(150, 234), rng.uniform(200, 320)])
+        hue = rng.uniform(0, 1)
+        self.c1 = _hsv(hue, rng.uniform(0.55, 0.85), rng.uniform(0.55, 0.8))
+        self.c2 = _hsv(hue + rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.8), rng.uniform(0.35, 0.85))
+        self.c3 = _hsv(rng.uniform(0, 1), rng.uniform(0.2, 1.0), rng.uniform(0.2, 1.0))
+        self.band = np.array([rng.uniform(260, 400), rng.uniform(18, 30)])  # centre V, half width
+        self.badge = np.array([rng.uniform(150, 234), rng.uniform(170, 240)])
 
     def __call__(self, U, V) -> np.ndarray:
-        t = (
-            0.5
-            + 0.3 * np.sin(self.k1[0] * U + self.k1[1] * V)
-            + 0.2 * np.cos(self.k2[0] * U + self.k2[1] * V)
-        )
+        t = 1.0 / (1.0 + np.exp((np.abs(V - self.band[0]) - self.band[1]) / 4.0))
         rgb = self.c1 * (1 - t[..., None]) + self.c2 * t[..., None]
-        g = np.clip((V - 60) / 420, 0, 1)[..., None]
-        rgb = rgb * (0.85 + 0.3 * g)
         ramp_u = np.clip((U - 192) / 130, -1, 1)
         ramp_v = np.clip((V - 270) / 200, -1, 1)
-        rgb = rgb * 0.5 + 127 + 60 * np.stack([ramp_u, ramp_v, -0.5 * (ramp_u + ramp_v)], -1)
-        r2 = ((U - self.badge[0]) ** 2 + (V - self.badge[1]) ** 2) / 18.0**2
+        rgb = rgb * (0.9 + 0.25 * ramp_v[..., None])
+        rgb = rgb + 55 * np.stack([ramp_u, ramp_v, -0.5 * (ramp_u + ramp_v)], -1)
+        r2 = ((U - self.badge[0]) ** 2 + (V - self.badge[1]) ** 2) / 26.0**2
         wgt = np.exp(-r2)[..., None]
         rgb = rgb * (1 - wgt) + self.c3 * wgt
         return np.clip(rgb, 0, 255)
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    """RGB (3,) in [0, 255] of a hue (wrapped to [0, 1)), saturation and value in [0, 1]."""
+    import colorsys
+
+    return 255.0 * np.array(colorsys.hsv_to_rgb(h % 1.0, s, v))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -378,6 +382,7 @@ def render_tryon(rng, h, w, category):
     valid = labels == glabel
 
     person = _colorize(labels, colors, h, w, rng)
+    undressed = person.copy()
     person[valid] = tex(U[valid], V[valid])
     gU, gV = design_grid(h, w)
     garment = np.full((h, w, 3), 255.0)
@@ -397,7 +402,23 @@ def render_tryon(rng, h, w, category):
         "parts": parts.astype(np.uint8),
         "garment_mask_flat": gm.astype(np.uint8),
         "flow": flow,
+        "texture": tex,
+        "undressed": undressed,
+        "garment_uv": (U, V),
+        "garment_region": valid,
     }, warp
+
+
+def wear(example: dict, texture: Texture) -> np.ndarray:
+    """The person of a `render_tryon` example wearing another garment of the same category
+    (its `texture`): the same figure, warp and garment region, the other garment's colours. For
+    a category whose flat shape is fixed (all of them) this is the exact ground truth of the
+    unpaired try-on (person, other garment)."""
+    img = example["undressed"].copy()
+    valid = example["garment_region"]
+    U, V = example["garment_uv"]
+    img[valid] = texture(U[valid], V[valid])
+    return img.round().astype(np.uint8)
 
 
 def render_pose_pair(rng, h, w):

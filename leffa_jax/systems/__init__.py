@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "face_diffuser_sdm": "leffa_jax.systems.face_diffuser:SubjectModelTask",
     "face_diffuser_tdm": "leffa_jax.systems.face_diffuser:TextModelTask",
     "storymaker": "leffa_jax.systems.storymaker_train:StoryMakerTask",
+    "autoencoder": "leffa_jax.systems.autoencoder:AutoencoderTask",
 }
 DEFAULT_TASK = "leffa"  # for configs written before `config.task` existed
 

@@ -22,15 +22,16 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from leffa_jax import schedulers
 from leffa_jax.model import LeffaModel, generative_input, inpainting_conditions, tiny_config_dir
 from leffa_jax.objectives import (
+    LOSS_WEIGHTINGS,
     LeffaLossConfig,
     epsilon_mse,
     flow_probe,
     leffa_loss_from_flows,
+    loss_weights,
     selected_layers,
 )
 from leffa_jax.training.config import ConfigError
@@ -51,7 +52,8 @@ def leffa_loss_config(config) -> LeffaLossConfig:
 
 def init_model(config) -> LeffaModel:
     """The model the run starts from (`config.model.init`):
-    "random"               random init from `config.model.base` (a config folder, or "tiny");
+    "random"               a random SD-inpainting model of `config.model.base` (a config folder,
+                           or "tiny") set up as "sd_inpainting" does (both UNets the same);
     "sd_inpainting:DIR"    both UNets from a diffusers SD(XL)-inpainting folder (see
                            `LeffaModel.from_sd_inpainting`), VAE from it too;
     "leffa:PATH"           an official checkpoint (+ `config.model.base`) or a leffa_jax folder,
@@ -62,7 +64,7 @@ def init_model(config) -> LeffaModel:
     base = tiny_config_dir() if base in ("", "tiny") else base
     kind, _, path = config.model.init.partition(":")
     if kind == "random":
-        return LeffaModel(base, rngs=nnx.Rngs(config.train.seed))
+        return LeffaModel.random_sd_inpainting(base, config.train.seed)
     if kind == "sd_inpainting":
         return LeffaModel.from_sd_inpainting(path)
     return LeffaModel.from_pretrained(path, None if os.path.isdir(path) else base)
@@ -122,6 +124,7 @@ class LeffaTask(Task):
     name = "leffa"
     components = ("vae", "unet_encoder", "unet")
     trainable = ("unet_encoder", "unet")
+    loss_weightings = LOSS_WEIGHTINGS
 
     def __init__(self, config):
         super().__init__(config)
@@ -189,7 +192,7 @@ class LeffaTask(Task):
                                chunk_size=loss_config.chunk_size)
         out = model["unet"](gen_in, t, reference_features=feats, probe=probe,
                             attention_kernel=kernel, remat=remat)
-        mse = epsilon_mse(out.sample, noise)
+        mse = epsilon_mse(out.sample, noise, loss_weights(self.config.train, schedule, t))
         leffa = jnp.zeros((), jnp.float32)
         if use_leffa:
             # a dropped (zero) reference has nothing to point at: gate those samples out too

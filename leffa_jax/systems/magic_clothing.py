@@ -116,9 +116,21 @@ class MagicClothing:
 
 
 def load_vae(path: str):
-    """A diffusers VAE folder (config.json + weights, e.g. stabilityai/sd-vae-ft-mse) or a
-    pipeline folder with vae/ -> AutoencoderKL."""
+    """A diffusers VAE folder (config.json + weights, e.g. stabilityai/sd-vae-ft-mse), a
+    pipeline folder with vae/, or a leffa_jax checkpoint folder holding a `vae` component (e.g.
+    the demo's tiny try-on baseline, whose VAE is trained on the synthetic set) ->
+    AutoencoderKL (float32)."""
     path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "leffa_jax.json")):
+        from leffa_jax.weights import folder as weights_folder
+
+        _, flat = weights_folder.read_flax_checkpoint(path)
+        params = {k: np.asarray(v, np.float32) for k, v in
+                  weights_folder.split_params(flat, "vae").items()}
+        if not params:
+            raise CheckpointError(f"--vae {path}: this leffa_jax checkpoint has no vae component")
+        return module_from_flat(components_lib.Component("vae", "vae", config="vae"),
+                                os.path.join(path, weights_folder.CONFIG_FOLDER), params)
     folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(
         path, "vae")
     if not os.path.isfile(os.path.join(folder, "config.json")):

@@ -33,7 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from leffa_jax import schedulers
-from leffa_jax.objectives import epsilon_mse, flow_probe, leffa_loss_from_flows, selected_layers
+from leffa_jax.objectives import (
+    LOSS_WEIGHTINGS,
+    epsilon_mse,
+    flow_probe,
+    leffa_loss_from_flows,
+    loss_weights,
+    selected_layers,
+)
 from leffa_jax.systems import magic_clothing as mc_lib
 from leffa_jax.systems.leffa import check_data, leffa_loss_config
 from leffa_jax.training.config import ConfigError
@@ -76,6 +83,7 @@ class MagicClothingTask(Task):
     name = "magic_clothing"
     components = ("vae", "text_encoder", "unet", "extractor")
     trainable = ("extractor",)
+    loss_weightings = LOSS_WEIGHTINGS
 
     def __init__(self, config):
         super().__init__(config)
@@ -192,7 +200,7 @@ class MagicClothingTask(Task):
                                chunk_size=self.loss_config.chunk_size)
         out = m["unet"](z_t, t, context, reference_features=feats, probe=probe,
                         attention_kernel=kernel, remat=remat)
-        mse = epsilon_mse(out.sample, noise)
+        mse = epsilon_mse(out.sample, noise, loss_weights(c.train, schedule, t))
         flow = jnp.zeros((), jnp.float32)
         if use_leffa:
             t_gate = jnp.where(drop_g, schedule.num_train_timesteps, t)

@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.lr = 1e-5
     c.train.warmup_steps = 0          # linear warm-up from 0 (0: none)
     c.train.decay = "constant"        # after warm-up: constant | cosine | linear (to 0 at steps)
+    c.train.loss_weighting = "uniform"  # epsilon MSE per timestep: uniform | truncated_snr |
+    #                                     min_snr (objectives.epsilon_loss_weights)
+    c.train.snr_gamma = 5.0           # min_snr's gamma
     c.train.b1, c.train.b2, c.train.eps = 0.9, 0.999, 1e-8
     c.train.weight_decay = 1e-2
     c.train.grad_clip = 1.0           # global-norm clipping
@@ -70,6 +73,10 @@ def validate(config) -> None:
             raise ConfigError(f"train.{key} must be a finite number >= 0, got {train[key]}")
     if not float(train.ema_decay) <= 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1], got {train.ema_decay}")
+    weightings = ("uniform", "truncated_snr", "min_snr")  # objectives.LOSS_WEIGHTINGS
+    if train.get("loss_weighting", "uniform") not in weightings:
+        raise ConfigError(f"train.loss_weighting must be one of {weightings}, got "
+                          f"{train.loss_weighting!r}")
     decays = ("constant", "cosine", "linear")  # training/state.py LR_DECAYS
     if train.get("decay", "constant") not in decays:
         raise ConfigError(f"train.decay must be one of {decays}, got {train.decay!r}")

@@ -87,6 +87,11 @@ def validate(task: Task, config) -> None:
     settings (`training.config.validate`), then the task's (`Task.validate`). Cheap; nothing is
     built or written."""
     config_lib.validate(config)
+    weighting = config.train.get("loss_weighting", "uniform")
+    if weighting not in task.loss_weightings:
+        raise config_lib.ConfigError(
+            f"train.loss_weighting {weighting!r}: the {task.name} task's loss takes only "
+            f"{task.loss_weightings}; set one of those")
     task.validate()
 
 

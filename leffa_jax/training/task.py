@@ -38,6 +38,8 @@ class Task:
     name: ClassVar[str] = ""
     components: ClassVar[tuple[str, ...]] = ()  # model attributes holding parameters
     trainable: ClassVar[tuple[str, ...]] = ()   # the trained subset; the others are frozen
+    # `config.train.loss_weighting` values the task's loss reads (objectives.loss_weights)
+    loss_weightings: ClassVar[tuple[str, ...]] = ("uniform",)
 
     def __init__(self, config):
         self.config = config
