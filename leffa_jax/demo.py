@@ -92,39 +92,37 @@ def baseline_config(base, init: str):
     return c
 
 
+def _cast_params(model, dtype):
+    """`model` with the parameters of its VAE and both UNets cast to `dtype` (in place)."""
+    import jax
+    from flax import nnx
+
+    for name in ("vae", "unet_encoder", "unet"):
+        module = getattr(model, name)
+        nnx.update(module, jax.tree.map(lambda x: x.astype(dtype), nnx.state(module, nnx.Param)))
+    return model
+
+
 def save_baseline(export_dir: str, out_dir: str, provenance: str = "") -> None:
     """A leffa_jax checkpoint folder with the parameters of `export_dir` in float16 (how the
     shipped baseline is stored; `load_float32` reads it back); `provenance`: how it was made
     (leffa_jax.json)."""
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from leffa_jax.model import LeffaModel
 
-    model = LeffaModel.from_pretrained(export_dir)
-    for name in ("vae", "unet_encoder", "unet"):
-        module = getattr(model, name)
-        nnx.update(module, jax.tree.map(lambda x: x.astype(jnp.float16),
-                                        nnx.state(module, nnx.Param)))
+    model = _cast_params(LeffaModel.from_pretrained(export_dir), jnp.float16)
     model.save_pretrained(out_dir, meta={"resolution": [32, 24], "stored_dtype": "float16",
                                          "provenance": provenance})
 
 
 def load_float32(path: str):
     """LeffaModel.from_pretrained with every floating parameter cast to float32."""
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from leffa_jax.model import LeffaModel
 
-    model = LeffaModel.from_pretrained(path)
-    for name in ("vae", "unet_encoder", "unet"):
-        module = getattr(model, name)
-        nnx.update(module, jax.tree.map(lambda x: x.astype(jnp.float32),
-                                        nnx.state(module, nnx.Param)))
-    return model
+    return _cast_params(LeffaModel.from_pretrained(path), jnp.float32)
 
 
 # ------------------------------------------------------------------ closed-form image metrics
@@ -233,17 +231,26 @@ def train_stages(base, work: str, from_scratch: bool) -> str:
     return os.path.join(work, "baseline", "export")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m leffa_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
+    ap.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps per run")
     ap.add_argument("--from-scratch", action="store_true",
                     help="train the VAE and the baseline here instead of starting from the shipped "
                          "baseline (about 40 minutes more on 2 CPU cores)")
-    ap.add_argument("--vae-steps", type=int, default=None, help="with --from-scratch: VAE steps")
-    ap.add_argument("--baseline-steps", type=int, default=None,
+    ap.add_argument("--vae-steps", type=_positive_int, default=None, help="with --from-scratch: VAE steps")
+    ap.add_argument("--baseline-steps", type=_positive_int, default=None,
                     help="with --from-scratch: baseline steps")
     args = ap.parse_args(argv)
+    if not args.from_scratch and (args.vae_steps or args.baseline_steps):
+        ap.error("--vae-steps and --baseline-steps set the stages of --from-scratch; add it")
     work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="leffa_demo_"))
     os.makedirs(work, exist_ok=True)
 

@@ -5,6 +5,7 @@ export), and the whole demo at a few steps."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -177,3 +178,30 @@ def test_magic_clothing_reads_the_vae_of_a_leffa_checkpoint():
     for x, y in zip(jax.tree.leaves(nnx.state(vae, nnx.Param)),
                     jax.tree.leaves(nnx.state(want, nnx.Param)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "must be >= 1"),
+    (["--vae-steps", "5"], "add it"),
+])
+def test_demo_refuses_bad_flags_before_any_work(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--workdir", str(tmp_path / "w"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_magic_clothing_vae_from_a_checkpoint_without_a_vae_is_refused(tmp_path):
+    """A leffa_jax checkpoint folder whose weights hold no `vae.*` tensor: the error names it."""
+    from safetensors.numpy import load_file, save_file
+
+    from leffa_jax.systems.magic_clothing import load_vae
+    from leffa_jax.weights.tensor_io import CheckpointError
+
+    folder = tmp_path / "no_vae"
+    shutil.copytree(demo.BASELINE_DIR, folder)
+    params = load_file(str(folder / "params.safetensors"))
+    save_file({k: v for k, v in params.items() if not k.startswith("vae.")},
+              str(folder / "params.safetensors"))
+    with pytest.raises(CheckpointError, match="no vae component"):
+        load_vae(str(folder))

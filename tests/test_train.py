@@ -230,3 +230,19 @@ def test_epsilon_loss_weights_closed_form():
     per_sample = ((pred - noise) ** 2).reshape(6, -1).mean(1)
     np.testing.assert_allclose(epsilon_mse(pred, noise, w), (w * per_sample).mean(), rtol=1e-5)
     np.testing.assert_allclose(epsilon_mse(pred, noise), ((pred - noise) ** 2).mean(), rtol=1e-6)
+
+
+def test_loss_weighting_errors_name_the_key_and_the_fix():
+    """A wrong weighting or gamma is a ConfigError naming the key; a weighting the task's loss
+    does not read is refused before anything is built (here: the autoencoder task)."""
+    from leffa_jax.systems import make_task
+    from leffa_jax.training.config import ConfigError, validate
+
+    for key, value, message in (("train.loss_weighting", "snr", "train.loss_weighting must be"),
+                                ("train.snr_gamma", 0.0, "train.snr_gamma must be")):
+        with pytest.raises(ConfigError, match=message):
+            validate(tiny_config(**{key: value}))
+    c = tiny_config(**{"train.loss_weighting": "truncated_snr"})
+    c.task = "autoencoder"
+    with pytest.raises(ConfigError, match="autoencoder task's loss takes only"):
+        loop.validate(make_task(c), c)

@@ -77,6 +77,9 @@ def validate(config) -> None:
     if train.get("loss_weighting", "uniform") not in weightings:
         raise ConfigError(f"train.loss_weighting must be one of {weightings}, got "
                           f"{train.loss_weighting!r}")
+    gamma = float(train.get("snr_gamma", 5.0))
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise ConfigError(f"train.snr_gamma must be a finite number > 0, got {train.snr_gamma}")
     decays = ("constant", "cosine", "linear")  # training/state.py LR_DECAYS
     if train.get("decay", "constant") not in decays:
         raise ConfigError(f"train.decay must be one of {decays}, got {train.decay!r}")
