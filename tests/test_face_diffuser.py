@@ -192,6 +192,83 @@ def test_encoders_and_postfuse(pipe, inputs):
                                inputs["postfuse_mlp2_out"], **tol)
 
 
+def test_sdm_from_sd15_and_clip_folders(fixture_dir, weights, inputs, tmp_path):
+    """`model.init = "pretrained"`, the released recipe's start: an SD1.5 diffusers folder and a
+    transformers-written CLIPModel folder holding the fixture SDM's parts give the official text
+    and object embeddings <= 1e-4 and its UNet/VAE tensors; the postfuse is fresh, drawn as
+    torch's nn.Linear default (bounds and moments in closed form), seeded; bad folders are
+    ConfigErrors naming the key."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import save_file
+
+    from leffa_jax.configs import face_diffuser_tiny
+    from leffa_jax.systems import make_task
+    from leffa_jax.training.config import ConfigError
+
+    sdm = {k[4:]: v for k, v in weights.items() if k.startswith("sdm.")}
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in sdm.items() if k.startswith(prefix)}
+
+    base = tmp_path / "sd15"
+    shutil.copytree(fixture_dir / "config" / "base_sd15", base)
+    save_file(part("unet."), str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file(part("vae."), str(base / "vae" / "diffusion_pytorch_model.safetensors"))
+    save_file(part("text_encoder."), str(base / "text_encoder" / "model.safetensors"))
+    clip = transformers.CLIPModel(transformers.CLIPConfig.from_pretrained(
+        str(fixture_dir / "config" / "tiny_clip")))
+    vision = {k: torch.from_numpy(v) for k, v in part("image_encoder.").items()
+              if not k.endswith("position_ids")}
+    missing, unexpected = clip.load_state_dict(vision, strict=False)
+    assert not unexpected and all(k.startswith(("text_model.", "text_projection", "logit_scale"))
+                                  for k in missing)
+    clip.save_pretrained(tmp_path / "clip")
+
+    c = face_diffuser_tiny.get_config()
+    c.model.init, c.model.base, c.model.clip = "pretrained", str(base), str(tmp_path / "clip")
+    task = make_task(c)
+    task.validate()
+    model = task.init_model()
+    k = inputs["object_pixel_values"].shape[1]
+    objects = model.encode_objects(jnp.asarray(np.moveaxis(inputs["object_pixel_values"], 2, -1)))
+    tol = dict(atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(objects), inputs["object_embeds"][:, :k, 0], **tol)
+    for ids, want in (("null_input_ids", "null_prompt_embeds"),
+                      ("text_only_input_ids", "text_only_prompt_embeds")):
+        got = model.encode_text(jnp.asarray(inputs[ids], jnp.int32))
+        np.testing.assert_allclose(np.asarray(got), inputs[want], **tol)
+    np.testing.assert_array_equal(np.asarray(model.unet.conv_in.kernel[...]),
+                                  sdm["unet.conv_in.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(model.vae.decoder.conv_out.bias[...]),
+                                  sdm["vae.decoder.conv_out.bias"])
+
+    postfuse = model.postfuse_module
+    for mlp in (postfuse.mlp1, postfuse.mlp2):
+        for linear in (mlp.fc1, mlp.fc2):
+            w, b = np.asarray(linear.kernel[...]), np.asarray(linear.bias[...])
+            bound = 1 / np.sqrt(w.shape[0])
+            assert np.abs(w).max() <= bound and np.abs(b).max() <= bound
+            assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.15 and abs(w.mean()) < 0.1 * bound
+        np.testing.assert_array_equal(np.asarray(mlp.layernorm.scale[...]), 1.0)
+    again = make_task(c).init_model().postfuse_module
+    np.testing.assert_array_equal(np.asarray(again.mlp1.fc1.kernel[...]),
+                                  np.asarray(postfuse.mlp1.fc1.kernel[...]))
+    c.train.seed = 1
+    other = make_task(c).init_model().postfuse_module
+    assert not np.array_equal(np.asarray(other.mlp1.fc1.kernel[...]),
+                              np.asarray(postfuse.mlp1.fc1.kernel[...]))
+
+    for key, value, match in (("clip", "", "model.clip"), ("base", str(tmp_path), "lacks unet/"),
+                              ("base", "", "model.base")):
+        bad = face_diffuser_tiny.get_config()
+        bad.model.init, bad.model.base, bad.model.clip = "pretrained", str(base), str(
+            tmp_path / "clip")
+        bad.model[key] = value
+        with pytest.raises(ConfigError, match=match):
+            make_task(bad).validate()
+
+
 # ------------------------------------------------------------------------------- SNF
 
 

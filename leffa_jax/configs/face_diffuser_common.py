@@ -14,8 +14,10 @@ def base_config(task: str = "face_diffuser_sdm") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.base = ""                 # SD1.5 diffusers folder (configs, tokenizer, scheduler);
     #                                   "" = the tiny random model of the shared fixtures
-    c.model.clip = ""                 # CLIP ViT-L/14 folder (config.json); "" = built-in config
-    c.model.init = "random"           # random | a converted SDM/TDM folder | an official .bin
+    c.model.clip = ""                 # CLIP ViT-L/14 transformers folder (CLIPModel or its
+    #                                   vision model); "" = the built-in ViT-L/14 config
+    c.model.init = "random"           # random | pretrained (SD1.5 base + CLIP weights, fresh
+    #                                   postfuse) | a converted SDM/TDM folder | an official .bin
     c.model.attention_kernel = "xla"  # xla | dot_product | cudnn
 
     c.face_diffuser = ml_collections.ConfigDict()

@@ -10,14 +10,13 @@ image_embeds(b)), CLIP-T = cos(image_embeds, text_embeds). `clip_score` is torch
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from leffa_jax.nn import clip
-from leffa_jax.nn.clip_config import CLIPTextConfig, CLIPVisionConfig
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -55,7 +54,7 @@ def clip_score(cos: jax.Array) -> jax.Array:
 def load_clip(folder: str):
     """(vision, text) encoders with projections from a transformers `CLIPModel` folder
     (config.json + model.safetensors / pytorch_model.bin), e.g. openai/clip-vit-large-patch14."""
-    from leffa_jax.weights.tensor_io import CheckpointNotFoundError, TensorSource
+    from leffa_jax.weights.tensor_io import CheckpointError, CheckpointNotFoundError
 
     for name in ("model.safetensors", "pytorch_model.bin"):
         path = os.path.join(folder, name)
@@ -64,17 +63,12 @@ def load_clip(folder: str):
     else:
         raise CheckpointNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin of a "
                                       "transformers CLIPModel (e.g. openai/clip-vit-large-patch14)")
-    src = TensorSource(path)
-    state = {k: np.asarray(src[k]) for k in src.keys()}
-    cfg = os.path.join(folder, "config.json")
-    tcfg, vcfg = CLIPTextConfig.from_json(cfg), CLIPVisionConfig.from_json(cfg)
-    text_state = {k: v for k, v in state.items() if k.startswith(("text_model.", "text_projection"))}
-    vis_state = {k: v for k, v in state.items()
-                 if k.startswith(("vision_model.", "visual_projection"))}
-    text = clip.clip_from_params(clip.CLIPTextModelWithProjection, tcfg,
-                                 clip.clip_params_from_torch(text_state,
-                                                             clip.CLIPTextModelWithProjection))
-    vision = clip.clip_from_params(clip.CLIPVisionModelWithProjection, vcfg,
-                                   clip.clip_params_from_torch(vis_state,
-                                                               clip.CLIPVisionModelWithProjection))
+    from leffa_jax.weights.pipeline_folders import is_clip_model, load_transformers_clip
+
+    with open(os.path.join(folder, "config.json")) as f:
+        if not is_clip_model(json.load(f)):
+            raise CheckpointError(f"{folder}: not a transformers CLIPModel folder (both towers "
+                                  "are needed), e.g. openai/clip-vit-large-patch14")
+    vision = load_transformers_clip(folder, "vision")
+    text = load_transformers_clip(folder, "text")
     return vision, text

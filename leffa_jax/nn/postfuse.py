@@ -97,6 +97,23 @@ def build_postfuse(config_folder: str, *, rngs: nnx.Rngs) -> PostfuseModule:
     return PostfuseModule(postfuse_config(config_folder), rngs=rngs)
 
 
+def torch_default_init(module: nnx.Module, key: jax.Array) -> None:
+    """Re-draw every Linear of `module` in place as PyTorch's `nn.Linear` default: weight
+    kaiming_uniform(a=sqrt 5) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias the same bound;
+    LayerNorms keep scale 1, bias 0. What the official `FaceDiffuserPostfuseModule` starts
+    training from when no checkpoint is given."""
+    linears = [m for _, m in nnx.iter_graph(module) if isinstance(m, Linear)]
+    keys = jax.random.split(key, 2 * len(linears))
+    for i, linear in enumerate(linears):
+        fan_in, fan_out = linear.kernel.shape
+        bound = 1.0 / fan_in ** 0.5
+        linear.kernel.value = jax.random.uniform(keys[2 * i], (fan_in, fan_out), jnp.float32,
+                                                 -bound, bound)
+        if linear.bias is not None:
+            linear.bias.value = jax.random.uniform(keys[2 * i + 1], (fan_out,), jnp.float32,
+                                                   -bound, bound)
+
+
 def write_postfuse_config(folder: str, embed_dim: int) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:

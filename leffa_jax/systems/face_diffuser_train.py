@@ -301,7 +301,9 @@ class _FaceDiffuserTask(Task):
                               f"data.batch_size {self.config.data.batch_size}: set both")
         fastcomposer.check_config(self.config.data)
         init, base = self.config.model.init, self.config.model.base
-        if init != "random" and not os.path.exists(init):
+        if init == "pretrained":
+            check_pretrained(self.config.model, self.layout)
+        elif init != "random" and not os.path.exists(init):
             raise ConfigError(f"config.model.init {init}: not found; give a converted "
                               f"Face-diffuser {self.layout.upper()} folder (python -m "
                               "leffa_jax.convert face-diffuser) or 'random'")
@@ -314,7 +316,7 @@ class _FaceDiffuserTask(Task):
                               "holding fixtures/, or config.model.base to an SD1.5 folder")
 
     def config_dir(self) -> str:
-        if self.config.model.init == "random":
+        if self.config.model.init in ("random", "pretrained"):
             return config_folder(self.config.model, self.layout)
         init = self.config.model.init
         return os.path.join(init, "config") if os.path.isdir(init) else config_folder(
@@ -326,6 +328,9 @@ class _FaceDiffuserTask(Task):
         init = self.config.model.init
         if init == "random":
             return random_model(self.config_dir(), self.layout, self.config.train.seed)
+        if init == "pretrained":
+            return pretrained_model(self.config.model.base, self.config.model.clip,
+                                    self.layout, self.config_dir(), self.config.train.seed)
         return load_model(init, self.config.model.base or None, layout=self.layout)
 
     def prepare(self, model):
@@ -459,6 +464,57 @@ def random_model(config_dir: str, layout: str, seed: int = 0) -> FaceDiffuserMod
     system = fd_plan.SDM if layout == "sdm" else fd_plan.TDM
     return FaceDiffuserModel({c.name: components_lib.build(c, config_dir, rngs=rngs)
                               for c in system})
+
+
+def check_pretrained(model_config, layout: str) -> None:
+    """ConfigError naming the key and the fix unless `model.base` is an SD1.5 diffusers folder
+    with unet/, vae/, text_encoder/ and (SDM) `model.clip` a CLIP folder; cheap (no weights
+    read)."""
+    base, clip = model_config.base, model_config.get("clip", "")
+    if not base or not os.path.isdir(base):
+        raise ConfigError(f"config.model.init 'pretrained' starts from Stable Diffusion 1.5: set "
+                          f"config.model.base to its diffusers folder (got {base!r}), e.g. a "
+                          "download of runwayml/stable-diffusion-v1-5")
+    missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not os.path.isdir(os.path.join(base, n))]
+    if missing:
+        raise ConfigError(f"config.model.base {base} lacks {', '.join(m + '/' for m in missing)}:"
+                          " give the whole SD1.5 diffusers folder")
+    if layout == "sdm" and (not clip or not os.path.isfile(os.path.join(clip, "config.json"))):
+        raise ConfigError(f"config.model.init 'pretrained' builds the SDM's image encoder from "
+                          f"CLIP ViT-L/14: set config.model.clip to its transformers folder "
+                          f"(got {clip!r}), e.g. a download of openai/clip-vit-large-patch14")
+
+
+def pretrained_model(base_dir: str, clip_dir: str, layout: str, config_dir: str, seed: int = 0
+                     ) -> FaceDiffuserModel:
+    """The released recipe's starting point (FastComposer/Face-diffuser train.py): UNet, VAE and
+    text encoder of an SD1.5 diffusers folder; for the SDM the vision tower + projection of a
+    CLIP folder (the official openai/clip-vit-large-patch14 CLIPModel, or a
+    CLIPVisionModelWithProjection) and a fresh postfuse MLP drawn as PyTorch's nn.Linear default
+    (seeded by `seed`). `config_dir`: the staged configs (`config_folder`), also written on
+    export."""
+    from leffa_jax import components as components_lib
+    from leffa_jax.nn.postfuse import torch_default_init
+    from leffa_jax.weights import folder as weights_folder
+    from leffa_jax.weights import pipeline_folders, plans
+    from leffa_jax.weights import plan_face_diffuser as fd_plan
+    from leffa_jax.weights.modules import module_from_flat
+
+    system = fd_plan.SDM if layout == "sdm" else fd_plan.TDM
+    from_base = tuple(c for c in system if c.name in fd_plan.BASE_FOLDERS)
+    plan = plans.plan_folder(base_dir, from_base)
+    flat = plan.read_params()
+    modules = {c.name: module_from_flat(plan.components[c.name], base_dir,
+                                        weights_folder.split_params(flat, c.name))
+               for c in from_base}
+    if layout == "sdm":
+        modules["image_encoder"] = pipeline_folders.load_image_encoder(clip_dir, projection=True)
+        component = next(c for c in system if c.name == "postfuse_module")
+        postfuse = components_lib.build(component, config_dir, rngs=nnx.Rngs(seed))
+        torch_default_init(postfuse, jax.random.key(seed))
+        modules["postfuse_module"] = postfuse
+    return FaceDiffuserModel({c.name: modules[c.name] for c in system})
 
 
 def save_model(model: FaceDiffuserModel, out_dir: str, config_dir: str) -> None:

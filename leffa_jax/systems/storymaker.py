@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -58,9 +57,8 @@ from leffa_jax.sampling import guidance as guidance_lib
 from leffa_jax.sampling.loop import denoise, progress_reporting
 from leffa_jax.systems import text2image as t2i
 from leffa_jax.systems.text2image_model import TextToImage, TextToImageModel, load_text2image
-from leffa_jax.weights import folder as weights_folder
 from leffa_jax.weights.modules import check_keys, flat_to_nested
-from leffa_jax.weights.tensor_io import CheckpointError, CheckpointNotFoundError
+from leffa_jax.weights.tensor_io import CheckpointError
 
 __all__ = ["TEXT_TOKENS", "AdapterConfig", "ImageProjection", "storymaker_unet",
            "processor_paths", "processor_layout", "adapter_shapes",
@@ -445,40 +443,14 @@ def init_storymaker(config_dir: str | os.PathLike, adapter: AdapterConfig, *,
     return StoryMakerModel(modules, config_dir, adapter)
 
 
-def load_image_encoder(path: str, base: str | None = None) -> nnx.Module:
-    """CLIP vision encoder from a transformers folder (CLIPVisionModel[WithProjection], e.g.
-    laion/CLIP-ViT-H-14-laion2B-s32B-b79K), a leffa_jax checkpoint with an image_encoder, or
-    (path None) the base folder's image_encoder/."""
-    from leffa_jax.weights import pipeline_folders, plans
-    from leffa_jax.weights.modules import module_from_flat
+def load_image_encoder(path: str) -> nnx.Module:
+    """CLIP vision encoder from a transformers folder (CLIPVisionModel[WithProjection] or a whole
+    CLIPModel, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K), a leffa_jax checkpoint with an
+    image_encoder, or a diffusers folder with image_encoder/ (`weights.pipeline_folders`)."""
+    from leffa_jax.weights import pipeline_folders
 
-    if os.path.isfile(os.path.join(path, weights_folder.META_FILE)):
-        meta, flat = weights_folder.read_flax_checkpoint(path)
-        found = weights_folder.checkpoint_components(meta)
-        if "image_encoder" not in found:
-            raise CheckpointError(f"{path}: this leffa_jax checkpoint has no image_encoder "
-                                  f"(components {sorted(found)})")
-        return module_from_flat(found["image_encoder"],
-                                os.path.join(path, weights_folder.CONFIG_FOLDER),
-                                weights_folder.split_params(flat, "image_encoder"))
-    if os.path.isdir(os.path.join(path, "image_encoder")):  # a diffusers folder with one
-        component = Component("image_encoder", "clip_vision_projection")
-        plan = plans.plan_folder(path, (component,))
-        return module_from_flat(plan.components["image_encoder"], path,
-                                weights_folder.split_params(plan.read_params(), "image_encoder"))
-    if not pipeline_folders.is_transformers_folder(path):
-        raise CheckpointNotFoundError(
-            f"image encoder {path}: not a transformers CLIP vision folder (config.json + "
-            "model.safetensors), a leffa_jax checkpoint or a diffusers folder with "
-            "image_encoder/: give e.g. a download of laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-    with tempfile.TemporaryDirectory(prefix="leffa_jax_configs-") as staging:
-        plan = pipeline_folders.plan_transformers_folder(path, staging)
-        name = next(iter(plan.components))
-        if name != "image_encoder":
-            raise CheckpointError(f"{path} holds a text model; StoryMaker needs a CLIP vision "
-                                  "model")
-        return module_from_flat(plan.components[name], staging,
-                                weights_folder.split_params(plan.read_params(), name))
+    return pipeline_folders.load_image_encoder(
+        path, example="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
 
 
 def load_storymaker(base: str | os.PathLike, adapter: str | os.PathLike,

@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 
+from flax import nnx
+
 from leffa_jax import components as components_lib
 from leffa_jax.components import Component
 from leffa_jax.weights import folder as folder_lib
@@ -46,8 +48,9 @@ from leffa_jax.weights.tensor_io import (
     write_safetensors,
 )
 
-__all__ = ["TOKENIZER_FILES", "is_transformers_folder", "transformers_component",
-           "plan_transformers_folder", "folder_to_flax", "flax_to_folder"]
+__all__ = ["TOKENIZER_FILES", "is_transformers_folder", "is_clip_model", "transformers_component",
+           "plan_transformers_folder", "load_transformers_clip",
+           "load_image_encoder", "folder_to_flax", "flax_to_folder"]
 
 # Files of a transformers tokenizer / image processor kept beside a plain CLIP model.
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json",
@@ -62,15 +65,43 @@ def is_transformers_folder(folder: str) -> bool:
             and not os.path.isdir(os.path.join(folder, "unet")))
 
 
-def transformers_component(folder: str) -> Component:
-    """The component of a transformers CLIP folder, its kind from config.json `architectures`
-    (or `model_type`): named text_encoder (text models) or image_encoder (vision models)."""
+def _read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:
-            config = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
+
+
+def is_clip_model(config: dict) -> bool:
+    """A full transformers CLIPModel config (both towers), e.g. openai/clip-vit-large-patch14."""
+    return "CLIPModel" in (config.get("architectures") or []) or config.get("model_type") == "clip"
+
+
+# The tower of a full CLIPModel a system reads: component, and the file keys that belong to it.
+CLIP_MODEL_TOWERS = {
+    "vision": (Component("image_encoder", "clip_vision_projection", config="image_encoder",
+                         role="CLIPModel vision tower"), ("vision_model.", "visual_projection.")),
+    "text": (Component("text_encoder", "clip_text_projection", config="text_encoder",
+                       role="CLIPModel text tower"), ("text_model.", "text_projection.")),
+}
+
+
+def transformers_component(folder: str, tower: str | None = None) -> Component:
+    """The component of a transformers CLIP folder, its kind from config.json `architectures`
+    (or `model_type`): named text_encoder (text models) or image_encoder (vision models). A full
+    CLIPModel needs `tower` ("vision" or "text"): the other tower is left out."""
+    path = os.path.join(folder, "config.json")
+    config = _read_config(folder)
+    if is_clip_model(config):
+        if tower not in CLIP_MODEL_TOWERS:
+            raise CheckpointError(
+                f"{path}: a full CLIPModel (both towers); converting it needs one tower: save "
+                "its text or vision model alone (e.g. CLIPVisionModelWithProjection"
+                ".from_pretrained(...).save_pretrained(...)), or give it where a system reads "
+                "one tower of it (Face-diffuser's model.clip, StoryMaker's image encoder)")
+        return CLIP_MODEL_TOWERS[tower][0]
     archs = config.get("architectures") or []
     by_type = {"clip_text_model": "CLIPTextModel", "clip_vision_model": "CLIPVisionModel"}
     if not archs and config.get("model_type") in by_type:
@@ -81,9 +112,7 @@ def transformers_component(folder: str) -> Component:
         raise CheckpointError(
             f"{path}: architectures {archs} (model_type {config.get('model_type')!r}): a "
             f"transformers folder converts when it holds one of "
-            f"{sorted(components_lib.CLIP_ARCHITECTURES)}; a full CLIPModel is not supported "
-            "(save its text or vision model alone, e.g. CLIPTextModel.from_pretrained(...)"
-            ".save_pretrained(...))")
+            f"{sorted(components_lib.CLIP_ARCHITECTURES)} or a CLIPModel")
     name = "text_encoder" if kinds[0].startswith("clip_text") else "image_encoder"
     return Component(name, kinds[0], config=name, role=archs[0])
 
@@ -105,18 +134,79 @@ def _stage_configs(folder: str, component: Component, staging: str) -> None:
                     os.path.join(staging, "feature_extractor", PROCESSOR_FILE))
 
 
-def plan_transformers_folder(folder: str, staging: str) -> Plan:
+def plan_transformers_folder(folder: str, staging: str, tower: str | None = None) -> Plan:
     """A checked Plan of a transformers CLIP folder; its configs are staged in `staging` (an
-    empty folder the caller removes afterwards), which becomes the plan's config folder."""
-    component = transformers_component(folder)
+    empty folder the caller removes afterwards), which becomes the plan's config folder. For a
+    full CLIPModel, `tower` ("vision" | "text") picks the tower read; the other one's tensors
+    (and `logit_scale`) are left in the file."""
+    component = transformers_component(folder, tower)
     weights = find_weights(folder, components_lib.kind_of(component).weight_files, ())
     _stage_configs(folder, component, staging)
     source = TensorSource(weights)
+    keys = source.keys()
+    if is_clip_model(_read_config(folder)):
+        prefixes = CLIP_MODEL_TOWERS[tower][1]
+        keys = [k for k in keys if k.startswith(prefixes)]
     where = f"{weights} with config {folder}/config.json"
-    checked, mapping = _plan_component(component, source, source.keys(), "", staging, where,
+    checked, mapping = _plan_component(component, source, keys, "", staging, where,
                                        "a transformers CLIP folder")
     return Plan(staging, {checked.name: checked}, {checked.name: source},
                 {checked.name: mapping})
+
+
+def load_transformers_clip(folder: str, tower: str | None = None) -> nnx.Module:
+    """The `nn.clip` module of a transformers CLIP folder (for a full CLIPModel: its `tower`,
+    "vision" or "text", with the projection)."""
+    from leffa_jax.weights.modules import module_from_flat
+
+    with tempfile.TemporaryDirectory(prefix="leffa_jax_configs-") as staging:
+        plan = plan_transformers_folder(folder, staging, tower)
+        name = next(iter(plan.components))
+        return module_from_flat(plan.components[name], staging,
+                                folder_lib.split_params(plan.read_params(), name))
+
+
+def load_image_encoder(path: str, *, projection: bool = False,
+                       example: str = "openai/clip-vit-large-patch14") -> nnx.Module:
+    """CLIP vision encoder (`nn.clip`) from a transformers folder (CLIPVisionModel[WithProjection],
+    or a full CLIPModel whose vision tower is read), a leffa_jax checkpoint with an
+    image_encoder, or a diffusers folder with an image_encoder/. `projection`: the visual
+    projection is required (an encoder without one is refused). `example` names a suitable
+    download in the errors."""
+    from leffa_jax.weights import plans
+    from leffa_jax.weights.modules import module_from_flat
+
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, folder_lib.META_FILE)):
+        meta, flat = folder_lib.read_flax_checkpoint(path)
+        found = folder_lib.checkpoint_components(meta)
+        if "image_encoder" not in found:
+            raise CheckpointError(f"{path}: this leffa_jax checkpoint has no image_encoder "
+                                  f"(components {sorted(found)})")
+        component, config_dir = found["image_encoder"], os.path.join(path, folder_lib.CONFIG_FOLDER)
+        params = folder_lib.split_params(flat, "image_encoder")
+    elif os.path.isdir(os.path.join(path, "image_encoder")):  # a diffusers folder with one
+        plan = plans.plan_folder(path, (Component("image_encoder", "clip_vision_projection"),))
+        component, config_dir = plan.components["image_encoder"], path
+        params = folder_lib.split_params(plan.read_params(), "image_encoder")
+    elif is_transformers_folder(path):
+        if transformers_component(path, "vision").name != "image_encoder":
+            raise CheckpointError(f"{path} holds a CLIP text model; a CLIP vision model is "
+                                  f"needed here (e.g. {example})")
+        component, config_dir, params = None, None, None
+    else:
+        raise CheckpointNotFoundError(
+            f"image encoder {path}: not a transformers CLIP vision folder (config.json + "
+            "model.safetensors), a leffa_jax checkpoint or a diffusers folder with "
+            f"image_encoder/: give e.g. a download of {example}")
+    kind = component.kind if component is not None else transformers_component(path, "vision").kind
+    if projection and kind != "clip_vision_projection":
+        raise CheckpointError(f"{path}: a CLIP vision model without the visual projection; the "
+                              "projection is needed here: give the CLIPVisionModelWithProjection "
+                              f"or the whole CLIPModel folder (e.g. {example})")
+    if component is None:
+        return load_transformers_clip(path, "vision")
+    return module_from_flat(component, config_dir, params)
 
 
 def folder_to_flax(folder: str, out_dir: str, formats: Iterable[str] = ("safetensors",), *,
