@@ -1,6 +1,6 @@
 """Face-diffuser / FastComposer training data: the "ffhq_wild_files" layout reader, a synthetic
 two-subject set in the same layout, and the per-sample preprocessing of the official
-`FaceDiffuserDataset` (data.py:153-391) without the object augmentations.
+`FaceDiffuserDataset` (data.py:153-391), object augmentations included.
 
 Layout (`root/`):
     image_ids_train.txt            one id per line (image_ids.txt is read when it is missing)
@@ -19,10 +19,13 @@ exactly from `get_state()`):
        a random subset, then in caption order);
     3. each kept subject: pixels outside its segment replaced by uniform noise 0..254, cropped to
        its bbox in the original image, padded to square, resized to `object_resolution`, / 255;
+       with `object_augmentation` (default True, the official run_train.sh) the crop gets the
+       official training augmentations on its way (`leffa_jax.data.object_augment`: random
+       zoom-in before the padding; rotation, colour jitter, blur, grayscale, flip, elastic after
+       the resize), drawn from the sample's Generator after the background; False is the
+       --no_object_augmentation path (the fixture's), with no further draws;
        its mask on the transformed segmentation map;
     4. `<|image|>` inserted after each kept segment's end; ids/mask as in `face_diffuser`.
-Deviation: the official training-time object augmentations (zoom, affine, colour jitter, blur,
-grayscale, flip, elastic) are not applied (the fixture and --no_object_augmentation path).
 
 Batches: image (B, R, R, 3) float32; input_ids (B, 77) int32; image_token_idx (B, K) int32;
 image_token_valid (B, K) bool; objects (B, K, r, r, 3) float32; segmaps (B, K, R, R) float32.
@@ -56,6 +59,8 @@ def default_config():
     c.uncondition_prob = 0.1
     c.object_appear_prob = 0.9
     c.object_types = ("person",)
+    c.object_augmentation = True      # official training augmentations of the subject crops
+    #                                   (False = --no_object_augmentation)
     c.batch_size = 8
     c.num_synthetic = 64              # synthetic set size
     return c
@@ -71,6 +76,9 @@ def check_config(data) -> None:
     for key in ("uncondition_prob", "object_appear_prob"):
         if not 0.0 <= float(data[key]) <= 1.0:
             raise ConfigError(f"data.{key} must be in [0, 1], got {data[key]}")
+    augment = data.get("object_augmentation", True)
+    if not isinstance(augment, bool | np.bool_):
+        raise ConfigError(f"data.object_augmentation must be True or False, got {augment!r}")
     if data.name == "fastcomposer":
         if not data.root or not os.path.isdir(data.root):
             raise ConfigError(f"data.root {data.root!r} is not a folder: set --config.data.root "
@@ -146,8 +154,11 @@ def transform_image_and_segmap(image, segmap, resolution: int, flip: bool):
             np.ascontiguousarray(segmap))
 
 
-def subject_crop(image, segmap, segment, background, resolution: int) -> np.ndarray:
-    """The segment on a noise background, cropped to its bbox, padded square, resized, / 255."""
+def subject_crop(image, segmap, segment, background, resolution: int,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """The segment on a noise background, cropped to its bbox, padded square, resized, / 255
+    -> (R, R, 3) float32. With `rng`, the official object augmentations are drawn from it and
+    applied on the way (`object_augment.augment_object`); without, no draw is made."""
     from leffa_jax.systems.face_diffuser import pad_to_square
 
     keep = (segmap == segment["id"])[..., None]
@@ -156,7 +167,12 @@ def subject_crop(image, segmap, segment, background, resolution: int) -> np.ndar
     crop = x[max(y1, 0):max(y2, y1 + 1), max(x1, 0):max(x2, x1 + 1)]
     if crop.size == 0:
         crop = np.zeros((1, 1, 3), np.uint8)
-    crop = pad_to_square(np.ascontiguousarray(crop.astype(np.uint8)))
+    crop = np.ascontiguousarray(crop.astype(np.uint8))
+    if rng is not None:
+        from leffa_jax.data.object_augment import augment_object
+
+        return augment_object(crop, resolution, rng).astype(np.float32) / 255.0
+    crop = pad_to_square(crop)
     return _resize(crop, (resolution, resolution)).astype(np.float32) / 255.0
 
 
@@ -185,10 +201,11 @@ def prepare_sample(image, segmap, info, tokenizer, cfg, rng: np.random.Generator
         segments = [segments[i] for i in sorted(rng.choice(len(segments), k, replace=False))]
     segments = sorted(segments, key=lambda s: s["end"])
     background = rng.integers(0, 255, image.shape, dtype=np.uint8)
+    augment_rng = rng if cfg.get("object_augmentation", True) else None
     objects = np.zeros((k, r, r, 3), np.float32)
     masks = np.zeros((k, resolution, resolution), np.float32)
     for j, segment in enumerate(segments):
-        objects[j] = subject_crop(image, segmap, segment, background, r)
+        objects[j] = subject_crop(image, segmap, segment, background, r, augment_rng)
         masks[j] = (seg == segment["id"]).astype(np.float32)
     image_tokenizer, token_id = add_image_token(tokenizer)
     raw = image_tokenizer.encode(caption_with_tokens(caption, segments))
