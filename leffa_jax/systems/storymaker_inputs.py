@@ -224,11 +224,29 @@ def load_character(image_path: str, mask_path: str, face_path: str) -> Character
     return prepare_character(load_image(image_path), load_image(mask_path), load_face(face_path))
 
 
+def arcface_normalisation(recognition_model: str) -> tuple[float, float]:
+    """(mean, std) insightface's ArcFaceONNX uses for a recognition model: (0, 1) for an mxnet
+    export (a node named Sub*/_minus* and one named Mul*/_mul* among its first 8: the model
+    normalises itself), else (127.5, 127.5). Reading node names needs the `onnx` package;
+    without it the common case (127.5, 127.5, every insightface model pack) is assumed."""
+    try:
+        import onnx
+    except ImportError:
+        return 127.5, 127.5
+    names = [node.name for node in onnx.load(recognition_model).graph.node[:8]]
+    mxnet = (any(n.startswith(("Sub", "_minus")) for n in names)
+             and any(n.startswith(("Mul", "_mul")) for n in names))
+    return (0.0, 1.0) if mxnet else (127.5, 127.5)
+
+
 def face_from_onnx(image: np.ndarray, kps: np.ndarray, recognition_model: str) -> Face:
     """Optional: the ArcFace embedding of a face whose landmarks are known, from insightface's
     recognition ONNX model (e.g. buffalo_l `w600k_r50.onnx`) through onnxruntime (an optional
-    dependency: `pip install onnxruntime`). insightface's ArcFaceONNX: norm_crop to 112, BGR,
-    (x - 127.5) / 127.5, NCHW; the embedding is L2-normalised (`normed_embedding`)."""
+    dependency: `pip install onnxruntime`), as insightface's `ArcFaceONNX.get` computes it:
+    `norm_crop` of the photo to the model's input size (112), the network fed RGB (insightface
+    is handed BGR photos and swaps them back, `blobFromImages(swapRB=True)`), (x - mean) / std
+    (`arcface_normalisation`), NCHW float32; `normed_embedding` = the output / its L2 norm.
+    image: (H, W, 3) uint8 RGB; kps: (5, 2) landmarks (x, y)."""
     try:
         import onnxruntime
     except ImportError:
@@ -239,7 +257,13 @@ def face_from_onnx(image: np.ndarray, kps: np.ndarray, recognition_model: str) -
         raise FileNotFoundError(f"ArcFace ONNX model {recognition_model} not found (insightface "
                                 "buffalo_l w600k_r50.onnx)")
     session = onnxruntime.InferenceSession(recognition_model, providers=["CPUExecutionProvider"])
-    aligned = norm_crop(_rgb(image, "photo"), kps, 112)
-    blob = ((aligned[..., ::-1].astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
-    emb = session.run(None, {session.get_inputs()[0].name: blob})[0].reshape(-1)
+    model_input = session.get_inputs()[0]
+    size = model_input.shape[2] if isinstance(model_input.shape[2], int) else 112
+    mean, std = arcface_normalisation(recognition_model)
+    aligned = norm_crop(_rgb(image, "photo"), kps, size)
+    blob = ((aligned.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None]
+    emb = session.run(None, {model_input.name: blob})[0].reshape(-1)
+    if not np.all(np.isfinite(emb)) or not np.linalg.norm(emb) > 0:
+        raise ValueError(f"{recognition_model}: the recognition model gave a zero or non-finite "
+                         "embedding; is it an ArcFace recognition model (1x3x112x112 -> 512)?")
     return Face((emb / np.linalg.norm(emb)).astype(np.float32), np.asarray(kps, np.float32))
