@@ -31,11 +31,16 @@ def _config(tmp_path):
 
 @pytest.mark.slow  # one sharded train-step compile (the resumed run reuses it from the cache)
 def test_train_resume_export(tmp_path, compilation_cache):
+    """With the optional Leffa flow loss on (every attention layer, no timestep gate): loss =
+    epsilon MSE + the flow term at every step, the flow term positive and finite."""
     from leffa_jax.systems import make_task
     from leffa_jax.training.loop import train
     from leffa_jax.weights.tensor_io import TensorSource
 
     config = _config(tmp_path)
+    config.leffa.enabled = True
+    config.leffa.t_threshold = 1000
+    config.leffa.min_ratio = 0.0
     work = str(tmp_path / "work")
     first = train(make_task(config), config, work, max_steps=1)
     assert first.step == 1
@@ -46,6 +51,8 @@ def test_train_resume_export(tmp_path, compilation_cache):
     assert len(rows) == 2
     for row in rows:
         assert np.isfinite(row["loss"]) and np.isfinite(row["mse"]) and row["finite"]
+        assert np.isfinite(row["leffa"]) and row["leffa"] > 0
+        np.testing.assert_allclose(row["loss"], row["mse"] + row["leffa"], rtol=1e-5)
     export = TensorSource(tmp_path / "work" / "export" / "garment_extractor.safetensors")
     assert len(export.keys()) == 324
     # the extractor moved away from its initial value (the denoiser); the denoiser is frozen
@@ -71,3 +78,32 @@ def test_captions_formats(tmp_path):
         read_captions(str(tmp_path / "bad.txt"))
     with pytest.raises(FileNotFoundError):
         read_captions(str(tmp_path / "missing.txt"))
+
+
+def test_export_base_holds_the_trained_denoiser(tmp_path):
+    """With `model.train_denoiser`, the export's base/ is the base folder with the trained
+    denoiser: diffusers loads it and finds our weights; the other parts are the base's files;
+    nothing half-written is left."""
+    import jax.numpy as jnp
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from leffa_jax.systems import magic_clothing as mc_lib
+    from leffa_jax.systems.magic_clothing_train import export_base
+
+    base = shared_path("fixtures", "magic_clothing", "model")
+    unet = mc_lib.load_magic_clothing(str(base)).model.unet
+    unet.conv_in.kernel.value = unet.conv_in.kernel[...] + 0.125
+    out = tmp_path / "export" / "base"
+    export_base(str(base), unet, str(out))
+    export_base(str(base), unet, str(out))  # replaces a previous export whole
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["base"]
+    loaded = UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    np.testing.assert_array_equal(loaded.conv_in.weight.detach().numpy(),
+                                  np.asarray(jnp.transpose(unet.conv_in.kernel[...], (3, 2, 0, 1))))
+    original = UNet2DConditionModel.from_pretrained(base / "unet")
+    torch.testing.assert_close(loaded.conv_out.weight, original.conv_out.weight, rtol=0, atol=0)
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for f in (base / part).iterdir():
+            assert (out / part / f.name).read_bytes() == f.read_bytes()
+    mc_lib.load_magic_clothing(str(out))  # what `sample --task garment2image --base` reads

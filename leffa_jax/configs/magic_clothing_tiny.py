@@ -10,7 +10,13 @@ the demo's tiny try-on baseline (`leffa_jax/assets/tiny_tryon_baseline`, trained
 synthetic set; `model.vae`), so latents decode to pictures. Expect a few minutes
 (200 steps, batch 8); the epsilon MSE falls from about 1.0; the image grid (garment | person |
 sample from the template caption, joint guidance, UniPC) lands in the workdir's images every
-`log.image_every` steps, and `export/garment_extractor.safetensors` (released layout) at the end.
+`log.image_every` steps, and at the end `export/garment_extractor.safetensors` (released layout)
+and `export/base/` (the base folder with the trained denoiser). Sample from them:
+
+    python -m leffa_jax.sample --task garment2image --base /tmp/mc_tiny/export/base \\
+        --vae leffa_jax/assets/tiny_tryon_baseline \\
+        --extractor /tmp/mc_tiny/export/garment_extractor.safetensors --garment GARMENT.png \\
+        --height 32 --width 24 --out /tmp/mc_tiny/samples
 """
 
 from leffa_jax.demo import BASELINE_DIR

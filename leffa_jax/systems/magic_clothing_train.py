@@ -47,6 +47,8 @@ from leffa_jax.training.config import ConfigError
 from leffa_jax.training.task import Task
 
 EXPORT_FILE = "garment_extractor.safetensors"
+EXPORT_BASE = "base"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def base_config():
@@ -77,6 +79,34 @@ def tiny_base() -> str:
     shared = os.environ.get("LEFFA_SHARED") or str(
         pathlib.Path(__file__).resolve().parents[3] / "shared")
     return os.path.join(shared, "fixtures", "magic_clothing", "model")
+
+
+def export_base(base: str, unet, out_dir: str) -> None:
+    """A copy of the SD1.5 diffusers folder `base` (files hard-linked where the filesystem
+    allows) whose unet/ holds `unet` (diffusers key layout, float32), written whole or not at all
+    (built beside `out_dir`, then renamed over it)."""
+    import shutil
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    unet_dir = os.path.join(base, "unet")
+
+    def skip_unet_weights(folder, names):
+        if os.path.samefile(folder, unet_dir):
+            return [n for n in names if n.endswith((".safetensors", ".bin", ".msgpack", ".ckpt"))]
+        return []
+
+    staging = f"{out_dir}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(base, staging, ignore=skip_unet_weights, copy_function=link_or_copy)
+    mc_lib.write_extractor(unet, os.path.join(staging, "unet", UNET_WEIGHTS), overwrite=True)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(staging, out_dir)
 
 
 class MagicClothingTask(Task):
@@ -118,6 +148,12 @@ class MagicClothingTask(Task):
                                                         "both_drop_prob")]
         if min(probs) < 0 or sum(probs) > 1:
             raise ConfigError(f"train.garment/text/both_drop_prob {probs}: each >= 0, sum <= 1")
+        if c.model.get("train_denoiser", False) and not os.path.isdir(
+                os.path.join(self.base(), "unet")):
+            raise ConfigError(f"model.train_denoiser: model.base {self.base()} has no unet/ "
+                              "folder; the export writes the trained denoiser into a copy of the "
+                              "base diffusers folder: give that folder (not a leffa_jax "
+                              "conversion)")
         if float(c.data.get("flip_prob", 0.0)) > 0:
             raise ConfigError("data.flip_prob > 0: garment masks are read by file name, so "
                               "flips would desynchronise them; set --config.data.flip_prob=0")
@@ -213,11 +249,15 @@ class MagicClothingTask(Task):
 
     # ------------------------------------------------------------------ outputs
     def export(self, model, params, frozen, out_dir: str) -> None:
-        """out_dir/garment_extractor.safetensors (released layout; written atomically)."""
+        """out_dir/garment_extractor.safetensors (released layout; written atomically); with
+        `model.train_denoiser` also out_dir/base/, the base folder with the trained denoiser
+        (`export_base`), so that `sample --task garment2image --base out_dir/base` uses it."""
         self.load_into(model, params, frozen)
         os.makedirs(out_dir, exist_ok=True)
         mc_lib.write_extractor(model.extractor, os.path.join(out_dir, EXPORT_FILE),
                                overwrite=True)
+        if "unet" in self.trainable:
+            export_base(self.base(), model.unet, os.path.join(out_dir, EXPORT_BASE))
 
     def image_row(self, model, params, frozen, host_batch):
         """garment (masked) | person | sample from the template caption (joint guidance)."""
