@@ -86,7 +86,7 @@ def run_jax(args) -> dict:
     s1, s2 = stages(args.steps)
     out = {}
     for mode in args.modes:
-        opts = fd.LoopOptions(s1, s2, dtype, "xla", mode)
+        opts = fd.LoopOptions(s1, s2, dtype, args.attention_kernel, mode)
 
         def call(opts=opts):
             return fd.sample_latents(graphdef, state, conditions, noise, stepper,
@@ -169,7 +169,8 @@ def run_torch(args) -> dict:
 def side(name: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", name, "--steps", str(args.steps),
            "--latent", str(args.latent), "--batch", str(args.batch), "--iters", str(args.iters),
-           "--dtype", args.dtype, "--modes", *args.modes] + (["--sd15"] if args.sd15 else [])
+           "--dtype", args.dtype, "--attention-kernel", args.attention_kernel,
+           "--modes", *args.modes] + (["--sd15"] if args.sd15 else [])
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO,
                        timeout=args.timeout)
@@ -182,7 +183,7 @@ def rows(args, jax_res: dict, torch_res: dict) -> list[list]:
     evals = jax_res["unet_calls"]
     setting = (f"{'SD1.5' if args.sd15 else 'tiny'} UNets, latent {args.latent}^2, batch "
                f"{args.batch}, PNDM {args.steps} steps ({evals} UNet evaluations), "
-               f"{args.dtype}")
+               f"{args.dtype}, JAX attention {args.attention_kernel}")
     out = []
     base = torch_res["seconds"]
     for mode in args.modes:
@@ -213,6 +214,8 @@ def parse(argv=None):
                     help="JAX compute dtype (PyTorch: float32 / float16)")
     ap.add_argument("--modes", nargs="+", default=["two_calls", "stacked"],
                     choices=("two_calls", "stacked"))
+    ap.add_argument("--attention-kernel", default="xla",
+                    help="the JAX side's kernel (leffa_jax.nn.attention.ATTENTION_KERNELS)")
     ap.add_argument("--json", default=None, help="write {args, rows} here")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)

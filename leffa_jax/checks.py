@@ -116,7 +116,7 @@ def sampling_memory(model, batch: int, height: int, width: int, dtype_bytes: int
     (2B, heads, N, 2N): both guidance branches, the person's N tokens against themselves and the
     reference's) or of the VAE's mid-block, plus the parameters cast to the compute dtype.
     Fused kernels do not materialise the scores: "cudnn", and "dot_product" on GPUs (where
-    XLA may pick cuDNN) count none."""
+    XLA may pick cuDNN) count none; "chunked" one block of queries at a time."""
     import jax
 
     factor = model.vae.downsample_factor
@@ -129,7 +129,12 @@ def sampling_memory(model, batch: int, height: int, width: int, dtype_bytes: int
     if not fused:
         heads = min(model.unet.config.num_heads)
         tokens = max(h * w for h, w in model.unet.layer_resolutions(latent_hw))
-        unet_scores = 2 * batch * heads * tokens * 2 * tokens * 4
+        rows = tokens
+        if attention_kernel == "chunked":
+            from leffa_jax.nn.attention import query_chunk
+
+            rows = query_chunk(tokens)
+        unet_scores = 2 * batch * heads * rows * 2 * tokens * 4
         if unet_scores > scores:
             scores = unet_scores
             detail = (f"attention scores {2 * batch} x {heads} heads x {tokens} x "

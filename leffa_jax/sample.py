@@ -115,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="paste the result into the person through the blurred mask (official repaint)")
     arg("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
         help="UNet compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
-    arg("--attention-kernel", choices=("xla", "dot_product", "cudnn"), default="xla",
+    arg("--attention-kernel", choices=("xla", "dot_product", "cudnn", "chunked"),
+        default="xla",
         help="attention implementation; cudnn (NVIDIA GPUs, bf16/fp16) never materialises the "
-             "attention scores, so large images need far less memory")
+             "attention scores, so large images need far less memory; chunked (any device) "
+             "holds them one block of 512 queries at a time")
     arg("--out", required=True, help="output folder (created; checked writable first)")
     arg("--grid", action="store_true", help="also write person|garment|mask|result")
     arg("--no-progress", action="store_true", help="no progress bar")

@@ -366,3 +366,36 @@ def test_reference_probes_and_decoupled_reference(storymaker_like):
         unet(x, 5, image_prompt_tokens=jnp.ones((2, 2, 16)))
     with pytest.raises(ValueError, match="both text_embeds and time_ids"):
         unet(x, 5, text_embeds=jnp.ones((2, TEXT_EMBED_DIM)))
+
+
+@pytest.mark.parametrize("nq", [2048, 1031])  # 4 blocks of 512; a prime: one block
+def test_chunked_kernel_matches_torch_sdpa(nq):
+    """The "chunked" kernel (query blocks in a lax.map) against torch's
+    scaled_dot_product_attention: outputs and gradients w.r.t. q, k, v."""
+    import torch
+
+    from leffa_jax.nn.attention import multihead_attention, query_chunk
+
+    assert query_chunk(2048) == 512 and query_chunk(1031) == 1
+    rng = np.random.default_rng(0)
+    b, nk, heads, d = 2, 300, 4, 8
+    q, k, v = (rng.normal(size=(b, n, heads * d)).astype(np.float32) for n in (nq, nk, nk))
+    g = rng.normal(size=(b, nq, heads * d)).astype(np.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(multihead_attention(q, k, v, heads, "chunked") * g)
+
+    out = multihead_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), heads, "chunked")
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+
+    def heads_first(x):
+        return x.reshape(b, -1, heads, d).transpose(1, 2)
+
+    ref = torch.nn.functional.scaled_dot_product_attention(heads_first(tq), heads_first(tk),
+                                                           heads_first(tv))
+    ref = ref.transpose(1, 2).reshape(b, nq, heads * d)
+    (ref * torch.from_numpy(g)).sum().backward()
+    np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), atol=2e-6)
+    for got, want in zip(grads, (tq.grad, tk.grad, tv.grad), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=2e-5, rtol=1e-5)

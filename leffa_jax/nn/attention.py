@@ -7,6 +7,10 @@ Kernels (`ATTENTION_KERNELS`):
 - "dot_product": `jax.nn.dot_product_attention` with the implementation left to XLA.
 - "cudnn":   `jax.nn.dot_product_attention(implementation="cudnn")` (fused flash kernel on
              NVIDIA GPUs, bf16/fp16 only).
+- "chunked": "xla" over blocks of `QUERY_CHUNK` queries in a `lax.map` (each query row's softmax
+             still over all keys: the same sums, results equal to "xla"): score memory
+             (B, h, chunk, Nk) instead of (B, h, Nq, Nk), and on XLA:CPU, which fuses no
+             attention, faster at thousands of tokens (BENCHMARKS.md, Face-diffuser).
 
 `Attention` is the one attention module of the transformer blocks: reference tokens appended to
 the keys/values (Leffa, Magic Clothing) and decoupled image-prompt attention (IP-Adapter,
@@ -43,10 +47,34 @@ def _dot_product_attention(q, k, v, implementation=None):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
+QUERY_CHUNK = 512  # queries per block of the "chunked" kernel (the largest divisor of Nq <= this)
+
+
+def query_chunk(num_queries: int, limit: int = QUERY_CHUNK) -> int:
+    """The block size of the "chunked" kernel: the largest divisor of `num_queries` <= limit."""
+    for size in range(min(limit, num_queries), 0, -1):
+        if num_queries % size == 0:
+            return size
+    return num_queries
+
+
+def _chunked_attention(q, k, v):
+    """`_xla_attention` over query blocks of `query_chunk(Nq)` rows (exact: each row's softmax
+    is over all keys)."""
+    b, nq, h, d = q.shape
+    chunk = query_chunk(nq)
+    if chunk == nq or chunk < 64:  # one block, or blocks too small to pay for the loop
+        return _xla_attention(q, k, v)
+    blocks = q.reshape(b, nq // chunk, chunk, h, d).swapaxes(0, 1)
+    out = jax.lax.map(lambda block: _xla_attention(block, k, v), blocks)
+    return out.swapaxes(0, 1).reshape(b, nq, h, v.shape[-1])
+
+
 ATTENTION_KERNELS: dict[str, Callable] = {
     "xla": _xla_attention,
     "dot_product": _dot_product_attention,
     "cudnn": lambda q, k, v: _dot_product_attention(q, k, v, implementation="cudnn"),
+    "chunked": _chunked_attention,
 }
 
 
