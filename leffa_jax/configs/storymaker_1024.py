@@ -62,6 +62,8 @@ def storymaker_config() -> ml_collections.ConfigDict:
     c.data.seed = 0
     c.data.read_threads = 4           # threads preparing samples (two batches ahead)
     c.data.synthetic_images = 0       # > 0: write and use the synthetic two-character set
+    c.data.synthetic_random_order = False  # its characters listed in a random order per image
+    #                                        (else left, right)
 
     c.train.steps = 100_000
     c.train.batch_size = 64

@@ -44,6 +44,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import threading
 from typing import Any
 
 import grain
@@ -133,10 +134,16 @@ def _read_image(path: str, mode: str) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
+_NPZ_LOCK = threading.Lock()
+
+
 def read_face(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(embedding (512,), kps (5, 2)) from a face .npz; DataError naming what is wrong."""
     try:
-        with np.load(path) as z:
+        # one reader at a time: np.load parses the .npy headers with ast.literal_eval, which is
+        # not thread-safe in CPython 3.11 ("SystemError: AST constructor recursion depth
+        # mismatch" seen with the Grain read threads, 2026-12-03)
+        with _NPZ_LOCK, np.load(path) as z:
             emb, kps = np.asarray(z["embedding"], np.float32), np.asarray(z["kps"], np.float32)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"cannot read face file {path} (an .npz with 'embedding' (512,) and "
@@ -334,10 +341,13 @@ def synthetic_face_embeddings(seed: int = 0) -> np.ndarray:
     return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
 
 
-def render_two_characters(rng: np.random.Generator, height: int, width: int
+def render_two_characters(rng: np.random.Generator, height: int, width: int,
+                          random_order: bool = False
                           ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[int], str]:
     """(image uint8, [mask uint8 x2], [kps x2], [identity x2], caption): two figures side by
-    side (left, right) on a random plain-gradient background, non-overlapping masks."""
+    side on a random plain-gradient background, non-overlapping masks. The characters are
+    listed left, right; with `random_order` in a random order per image (one more draw), so
+    that a character's slot says nothing about where it stands."""
     top_colour, bottom_colour = rng.integers(90, 255, 3), rng.integers(90, 255, 3)
     ramp = np.linspace(0.0, 1.0, height)[:, None, None]
     canvas = ((1 - ramp) * top_colour + ramp * bottom_colour).repeat(width, 1).astype(np.uint8)
@@ -352,16 +362,21 @@ def render_two_characters(rng: np.random.Generator, height: int, width: int
                                    IDENTITIES[ident][2]))
         masks.append(mask)
     masks[0] = np.where(masks[1] > 0, 0, masks[0]).astype(np.uint8)
+    sides = ["left", "right"]
+    if random_order and rng.random() < 0.5:
+        masks, kps, ids, sides = masks[::-1], kps[::-1], ids[::-1], sides[::-1]
     names = [IDENTITIES[i][0] for i in ids]
-    caption = f"two people side by side, a {names[0]} person on the left and a {names[1]} person on the right"
+    caption = (f"two people side by side, a {names[0]} person on the {sides[0]} and a "
+               f"{names[1]} person on the {sides[1]}")
     return canvas, masks, kps, ids, caption
 
 
 def write_synthetic_characters(root: str, num_images: int = 64, height: int = 128,
-                               width: int = 128, seed: int = 0) -> str:
+                               width: int = 128, seed: int = 0, random_order: bool = False) -> str:
     """Write a synthetic two-character set in the folder layout above (PNG images and masks,
-    face .npz with the identity's fixed embedding and the drawn landmarks). The folder is
-    written under a temporary name and renamed, so it is complete or absent. -> root."""
+    face .npz with the identity's fixed embedding and the drawn landmarks; characters listed
+    left, right, or with `random_order` in a random order per image). The folder is written
+    under a temporary name and renamed, so it is complete or absent. -> root."""
     if os.path.isfile(os.path.join(root, METADATA)):
         return root
     parent = os.path.dirname(os.path.abspath(root))
@@ -373,7 +388,8 @@ def write_synthetic_characters(root: str, num_images: int = 64, height: int = 12
         os.makedirs(os.path.join(tmp, sub))
     lines = []
     for i in range(num_images):
-        image, masks, kps, ids, caption = render_two_characters(rng, height, width)
+        image, masks, kps, ids, caption = render_two_characters(rng, height, width,
+                                                                random_order)
         Image.fromarray(image).save(os.path.join(tmp, "images", f"{i:05d}.png"))
         chars = []
         for c, (mask, k, ident) in enumerate(zip(masks, kps, ids, strict=True)):
