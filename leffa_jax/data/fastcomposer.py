@@ -159,7 +159,7 @@ def subject_crop(image, segmap, segment, background, resolution: int,
     """The segment on a noise background, cropped to its bbox, padded square, resized, / 255
     -> (R, R, 3) float32. With `rng`, the official object augmentations are drawn from it and
     applied on the way (`object_augment.augment_object`); without, no draw is made."""
-    from leffa_jax.systems.face_diffuser import pad_to_square
+    from leffa_jax.imageio import pad_to_square
 
     keep = (segmap == segment["id"])[..., None]
     x = np.where(keep, image, background)

@@ -36,62 +36,12 @@ import math
 import numpy as np
 from PIL import Image
 
+from leffa_jax.imageio import pad_to_square, resize_bilinear  # noqa: F401 (part of this API)
+
 _F32 = np.float32
 
 
 # ----------------------------------------------------------------------------- geometry
-
-
-def _aa_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """torch `interpolate(bilinear, antialias=True, align_corners=False)` taps for one axis:
-    indices (out, T) int64 and float32 weights (out, T) (zero weights pad short rows). The
-    triangle filter widened by the downscale factor, normalised per output; plain bilinear
-    with edge clamping when upscaling."""
-    scale = _F32(in_size) / _F32(out_size)
-    support = scale if scale >= 1.0 else _F32(1.0)
-    invscale = _F32(1.0) / scale if scale >= 1.0 else _F32(1.0)
-    center = scale * (np.arange(out_size) + 0.5).astype(_F32)
-    xmin = np.maximum(np.trunc(center - support + _F32(0.5)).astype(np.int64), 0)
-    xsize = np.minimum(np.trunc(center + support + _F32(0.5)).astype(np.int64), in_size) - xmin
-    taps = max(int(xsize.max()), 1)
-    j = np.arange(taps)
-    w = np.maximum(_F32(0.0), _F32(1.0) - np.abs(
-        ((j[None, :] + xmin[:, None]).astype(_F32) - center[:, None] + _F32(0.5)) * invscale))
-    w = np.where(j[None, :] < xsize[:, None], w, _F32(0.0)).astype(_F32)
-    total = np.zeros(out_size, _F32)
-    for t in range(taps):  # torch sums the taps in order
-        total = (total + w[:, t]).astype(_F32)
-    w = np.where(total[:, None] != 0, w / np.where(total == 0, _F32(1.0), total)[:, None], w)
-    idx = np.minimum(j[None, :] + xmin[:, None], in_size - 1)
-    return idx, w.astype(_F32)
-
-
-def _resize_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """One float32 separable pass, taps accumulated in order with one rounding each (torch's CPU
-    kernel: multiply-adds into a float32 accumulator)."""
-    idx, wts = _aa_taps(x.shape[axis], out_size)
-    x = np.moveaxis(x, axis, 0).astype(np.float64)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    acc = (x[idx[:, 0]] * wts[:, 0].astype(np.float64).reshape(shape)).astype(_F32)
-    for t in range(1, idx.shape[1]):
-        acc = (acc.astype(np.float64)
-               + x[idx[:, t]] * wts[:, t].astype(np.float64).reshape(shape)).astype(_F32)
-    return np.moveaxis(acc, 0, axis)
-
-
-def resize_bilinear(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """uint8 (H, W, C) -> uint8 (h, w, C): torchvision `F.resize(tensor, (h, w), BILINEAR,
-    antialias=True)` (float32 antialiased bilinear, width pass then height, round half even);
-    the input itself when the size already matches."""
-    h, w = int(hw[0]), int(hw[1])
-    if image.shape[:2] == (h, w):
-        return image
-    x = image.astype(_F32)
-    if x.shape[1] != w:
-        x = _resize_axis(x, w, 1)
-    if x.shape[0] != h:
-        x = _resize_axis(x, h, 0)
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def zoom_in(image: np.ndarray, zoom: float) -> np.ndarray:
@@ -103,17 +53,6 @@ def zoom_in(image: np.ndarray, zoom: float) -> np.ndarray:
     out = resize_bilinear(image, (int(z * _F32(h)), int(z * _F32(w))))
     hh, ww = out.shape[:2]
     return out[:ww] if hh > ww else out
-
-
-def pad_to_square(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) -> zero padding of |H - W| // 2 on both sides of the short axis (FastComposer
-    PadToSquare; one pixel short of square when |H - W| is odd)."""
-    h, w = image.shape[:2]
-    pad = abs(h - w) // 2
-    if h == w:
-        return image
-    spec = ((0, 0), (pad, pad), (0, 0)) if h > w else ((pad, pad), (0, 0), (0, 0))
-    return np.pad(image, spec)
 
 
 def resize_to(image: np.ndarray, resolution: int) -> np.ndarray:

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from leffa_jax import components as components_lib
-from leffa_jax.imageio import to_uint8
+from leffa_jax.imageio import antialias_taps, pad_to_square, resize_bilinear, to_uint8
 from leffa_jax.nn.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from leffa_jax.sampling import guidance as guidance_lib
 from leffa_jax.sampling.loop import Stages, denoise, progress_reporting
@@ -332,22 +332,11 @@ def _tokenizers(obj):
 
 
 def antialias_weights(in_size: int, out_size: int) -> np.ndarray:
-    """torch `interpolate(mode="bilinear", antialias=True, align_corners=False)` weights
-    (out_size, in_size) float32 (the triangle filter widened by the downscale factor,
-    normalised per output; plain bilinear with edge clamping when upscaling)."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    support = scale if scale >= 1.0 else np.float32(1.0)
-    invscale = np.float32(1.0) / scale if scale >= 1.0 else np.float32(1.0)
+    """torch `interpolate(mode="bilinear", antialias=True, align_corners=False)` weights as a
+    dense (out_size, in_size) float32 matrix (`imageio.antialias_taps`)."""
+    idx, taps = antialias_taps(in_size, out_size)
     out = np.zeros((out_size, in_size), np.float32)
-    for i in range(out_size):
-        center = scale * np.float32(i + 0.5)
-        xmin = max(int(center - support + np.float32(0.5)), 0)
-        xsize = min(int(center + support + np.float32(0.5)), in_size) - xmin
-        j = np.arange(xsize, dtype=np.float32)
-        w = np.maximum(np.float32(0.0),
-                       np.float32(1.0) - np.abs((j + xmin - center + np.float32(0.5)) * invscale))
-        total = w.sum(dtype=np.float32)
-        out[i, xmin:xmin + xsize] = w / total if total != 0 else w
+    np.add.at(out, (np.arange(out_size)[:, None], idx), taps)  # padded taps add 0
     return out
 
 
@@ -365,49 +354,17 @@ def resize_antialias(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return x
 
 
-def _resize_axis_np(x: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-    """float32 separable pass as torch's CPU kernel: taps accumulated left to right with fused
-    multiply-adds (each tap rounded once to float32). This matches the official uint8 resize
-    bit for bit after rounding (0 of 8192 levels differ on the fixture; without the fused
-    accumulation 10 differ by one level)."""
-    x = np.moveaxis(x.astype(np.float32), axis, 0).astype(np.float64)
-    out = np.zeros((weights.shape[0],) + x.shape[1:], np.float32)
-    for i, row in enumerate(weights):
-        taps = np.flatnonzero(row)
-        if taps.size == 0:
-            continue
-        acc = (x[taps[0]] * np.float64(row[taps[0]])).astype(np.float32)
-        for j in taps[1:]:
-            acc = (acc.astype(np.float64) + x[j] * np.float64(row[j])).astype(np.float32)
-        out[i] = acc
-    return np.moveaxis(out, 0, axis)
-
-
-def pad_to_square(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) -> zero padding of (|H - W|) // 2 on both sides of the short axis (official
-    PadToSquare: one pixel short of square when |H - W| is odd)."""
-    h, w = image.shape[:2]
-    pad = abs(h - w) // 2
-    spec = ((0, 0), (pad, pad), (0, 0)) if h > w else ((pad, pad), (0, 0), (0, 0))
-    return np.pad(image, spec) if h != w else image
-
-
 def subject_pixels(images: Sequence[np.ndarray], resolution: int) -> np.ndarray:
     """Subject photos (H, W, 3) uint8 -> (K, R, R, 3) float32 in [0, 1]: PadToSquare, uint8
-    Resize((R, R)) (bilinear antialias in float32, rounded), / 255."""
+    Resize((R, R)) (torchvision's bilinear antialias in float32, rounded:
+    `data.object_augment.resize_bilinear`), / 255."""
     out = []
     for k, image in enumerate(images):
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"subject {k}: expected an RGB uint8 image (H, W, 3), got "
                              f"{image.dtype} {image.shape}")
-        x = pad_to_square(image).astype(np.float32)
-        h, w = x.shape[:2]
-        if w != resolution:
-            x = _resize_axis_np(x, antialias_weights(w, resolution), 1)
-        if h != resolution:
-            x = _resize_axis_np(x, antialias_weights(h, resolution), 0)
-        x = np.clip(np.round(x), 0, 255).astype(np.uint8)
+        x = resize_bilinear(pad_to_square(image), (resolution, resolution))
         out.append(x.astype(np.float32) / np.float32(255.0))
     return np.stack(out)
 
