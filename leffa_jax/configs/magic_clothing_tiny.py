@@ -11,7 +11,10 @@ synthetic set; `model.vae`), so latents decode to pictures. Expect a few minutes
 (200 steps, batch 8); the epsilon MSE falls from about 1.0; the image grid (garment | person |
 sample from the template caption, joint guidance, UniPC) lands in the workdir's images every
 `log.image_every` steps, and at the end `export/garment_extractor.safetensors` (released layout)
-and `export/base/` (the base folder with the trained denoiser). Sample from them:
+and `export/base/` (the base folder with the trained denoiser). 200 steps show the training
+machinery, not garment use: the denoiser starts reading the garment between 2000 and 6000
+steps (`--config.train.steps=6000`, 23 min on a quiet 2-core VM; measured with
+tools/magic_clothing_garment_use.py, table in docs/magic_clothing.md). Sample from them:
 
     python -m leffa_jax.sample --task garment2image --base /tmp/mc_tiny/export/base \\
         --vae leffa_jax/assets/tiny_tryon_baseline \\
