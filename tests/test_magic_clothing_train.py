@@ -107,3 +107,17 @@ def test_export_base_holds_the_trained_denoiser(tmp_path):
         for f in (base / part).iterdir():
             assert (out / part / f.name).read_bytes() == f.read_bytes()
     mc_lib.load_magic_clothing(str(out))  # what `sample --task garment2image --base` reads
+
+
+def test_train_denoiser_needs_a_diffusers_base(tmp_path):
+    """model.train_denoiser writes the trained denoiser into a copy of the base diffusers folder:
+    a base without unet/ (e.g. a leffa_jax conversion) is refused before training, naming the
+    key and the fix."""
+    from leffa_jax.systems import make_task
+    from leffa_jax.training.config import ConfigError
+
+    c = _config(tmp_path)
+    c.model.base = str(tmp_path)
+    c.model.train_denoiser = True
+    with pytest.raises(ConfigError, match="model.train_denoiser.*no unet/"):
+        make_task(c).validate()

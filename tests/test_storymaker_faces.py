@@ -5,10 +5,11 @@ the test (onnx.helper), run through onnxruntime."""
 
 import numpy as np
 import pytest
+from conftest import require_module  # noqa: E402
 
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
-cv2 = pytest.importorskip("cv2")
+onnx = require_module("onnx")
+onnxruntime = require_module("onnxruntime")
+cv2 = require_module("cv2")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
@@ -22,13 +23,14 @@ KPS = np.array([[52.0, 60.0], [91.0, 58.0], [71.0, 82.0], [56.0, 104.0], [88.0, 
                np.float32)
 
 
-def write_recognition_model(path, *, mxnet: bool, seed: int = 0) -> None:
+def write_recognition_model(path, *, mxnet: bool, seed: int = 0, zero: bool = False) -> None:
     """1x3x112x112 -> 1x512: (mxnet: Sub 127.5, Mul 1/128 first) Conv 8x8/8 -> global average
     pool -> Gemm. Random weights: channel order and scaling change the output."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 8, 8)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.normal(size=(8,)).astype(np.float32), "b"),
-             numpy_helper.from_array(rng.normal(size=(8, 512)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.zeros((8, 512), np.float32) if zero else
+                                     rng.normal(size=(8, 512)).astype(np.float32), "fc"),
              numpy_helper.from_array(np.array(127.5, np.float32), "mean"),
              numpy_helper.from_array(np.array(1 / 128, np.float32), "scale")]
     nodes, x = [], "data" if mxnet else "input.1"
@@ -83,3 +85,7 @@ def test_face_from_onnx_matches_insightface(tmp_path, mxnet):
 def test_face_from_onnx_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="w600k_r50"):
         face_from_onnx(np.zeros((64, 64, 3), np.uint8), KPS, str(tmp_path / "missing.onnx"))
+    path = tmp_path / "zero.onnx"  # not an ArcFace model: its output is all zeros
+    write_recognition_model(path, mxnet=False, zero=True)
+    with pytest.raises(ValueError, match="zero or non-finite embedding"):
+        face_from_onnx(np.zeros((128, 128, 3), np.uint8), KPS, str(path))

@@ -36,7 +36,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from leffa_jax.imageio import pad_to_square, resize_bilinear  # noqa: F401 (part of this API)
+from leffa_jax.imageio import pad_to_square, resize_bilinear
 
 _F32 = np.float32
 

@@ -190,21 +190,20 @@ def load_image_encoder(path: str, *, projection: bool = False,
         component, config_dir = plan.components["image_encoder"], path
         params = folder_lib.split_params(plan.read_params(), "image_encoder")
     elif is_transformers_folder(path):
-        if transformers_component(path, "vision").name != "image_encoder":
+        component, config_dir, params = transformers_component(path, "vision"), None, None
+        if component.name != "image_encoder":
             raise CheckpointError(f"{path} holds a CLIP text model; a CLIP vision model is "
                                   f"needed here (e.g. {example})")
-        component, config_dir, params = None, None, None
     else:
         raise CheckpointNotFoundError(
             f"image encoder {path}: not a transformers CLIP vision folder (config.json + "
             "model.safetensors), a leffa_jax checkpoint or a diffusers folder with "
             f"image_encoder/: give e.g. a download of {example}")
-    kind = component.kind if component is not None else transformers_component(path, "vision").kind
-    if projection and kind != "clip_vision_projection":
+    if projection and component.kind != "clip_vision_projection":
         raise CheckpointError(f"{path}: a CLIP vision model without the visual projection; the "
                               "projection is needed here: give the CLIPVisionModelWithProjection "
                               f"or the whole CLIPModel folder (e.g. {example})")
-    if component is None:
+    if params is None:  # a transformers folder: read (and its configs staged) only now
         return load_transformers_clip(path, "vision")
     return module_from_flat(component, config_dir, params)
 
