@@ -11,7 +11,8 @@ wearing a given garment.
 
 --base: an SD1.5 diffusers folder (or its leffa_jax conversion); --vae: a separate VAE folder
 (the official demo uses stabilityai/sd-vae-ft-mse); --extractor: the released garment-extractor
-file (flat diffusers UNet state dict). The garment mask: --garment-mask, else the garment's
+file (flat diffusers UNet state dict); --denoiser: optionally, a flat UNet file replacing the
+base's denoiser weights. The garment mask: --garment-mask, else the garment's
 alpha channel, else a plain-background threshold (see `magic_clothing.background_mask`).
 Writes `garment2image_<nnn>.png` per image, `garment_mask.png` (the mask used) and, with
 --grid, `grid.png`; each file is written to a temporary name and renamed. Errors exit with
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--base", required=True, help="SD1.5 diffusers folder (or its leffa_jax conversion)")
     arg("--vae", default=None, help="separate diffusers VAE folder (e.g. sd-vae-ft-mse)")
     arg("--extractor", required=True, help="garment-extractor .safetensors (released layout)")
+    arg("--denoiser", default=None,
+        help="flat diffusers UNet .safetensors replacing the base UNet's weights (e.g. the tiny "
+             "demo's leffa_jax/assets/tiny_magic_clothing/denoiser.safetensors)")
     arg("--garment", required=True, help="garment image (any size; stretched to the output)")
     arg("--garment-mask", default=None,
         help="garment mask (white = garment); unset: alpha channel, else background threshold")
@@ -105,6 +109,9 @@ def _check_args(args) -> None:
     if not os.path.isfile(args.extractor):
         raise UsageError(f"--extractor {args.extractor} not found: give the garment-extractor "
                          ".safetensors (e.g. magic_clothing_768_vitonhd_joint.safetensors)")
+    if args.denoiser is not None and not os.path.isfile(args.denoiser):
+        raise UsageError(f"--denoiser {args.denoiser} not found: give a flat diffusers UNet "
+                         ".safetensors of the base's architecture, or leave it out")
     if args.garment_mask is not None and not os.path.isfile(args.garment_mask):
         raise UsageError(f"--garment-mask {args.garment_mask} not found")
     cli.check_output_folder(args.out)
@@ -116,7 +123,8 @@ def run(args) -> list[str]:
     _check_args(args)
     garment = load_garment(args.garment)
     mask = (imageio.load_image(args.garment_mask, mode="L") if args.garment_mask else None)
-    mc = mc_lib.load_magic_clothing(args.base, args.extractor, vae=args.vae)
+    mc = mc_lib.load_magic_clothing(args.base, args.extractor, vae=args.vae,
+                                    denoiser=args.denoiser)
     bar = cli.progress_bar(args.steps, "garment2image", not args.no_progress)
     tick = cli.step_ticker(bar, args.steps)
     out = mc_lib.generate(

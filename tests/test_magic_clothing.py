@@ -225,6 +225,59 @@ def test_bad_extractor_files(mc, tmp_path):
         read_extractor(tmp_path / "missing.safetensors", model.unet, model.config_dir)
 
 
+def test_shipped_denoiser_is_read_whole(mc):
+    """The tiny demo's shipped denoiser (float16, flat diffusers layout): diffusers loads it
+    strictly into the fixture base's UNet, and `read_denoiser` holds its values (read here with
+    the safetensors package) in float32; the base UNet it replaces is left unchanged."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.numpy import load_file
+
+    from leffa_jax.systems.magic_clothing_train import BASELINE_DENOISER, BASELINE_DIR
+    from leffa_jax.weights.plan_magic_clothing import read_denoiser
+
+    path = os.path.join(BASELINE_DIR, BASELINE_DENOISER)
+    ref = load_file(path)
+    torch_unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(fixture("model", "unet")))
+    torch_unet.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in ref.items()},
+                               strict=True)
+    before = np.asarray(mc.model.unet.conv_out.kernel[...]).copy()
+    unet = read_denoiser(path, mc.model.unet)
+    blk = unet.up_blocks[1].attentions[0].transformer_blocks[0]
+    for got, key in ((unet.conv_in.kernel, "conv_in.weight"),
+                     (blk.attn1.to_q.kernel, "up_blocks.1.attentions.0.transformer_blocks.0"
+                                             ".attn1.to_q.weight"),
+                     (unet.conv_out.bias, "conv_out.bias")):
+        want = ref[key].astype(np.float32)
+        want = want.transpose(2, 3, 1, 0) if want.ndim == 4 else want.T
+        assert np.asarray(got[...]).dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(got[...]), want)
+    np.testing.assert_array_equal(np.asarray(mc.model.unet.conv_out.kernel[...]), before)
+
+
+def test_bad_denoiser_files(mc, tmp_path):
+    """A denoiser file must hold every key of the base UNet in its shape, and nothing else."""
+    from leffa_jax.weights.plan_magic_clothing import read_denoiser
+
+    src = TensorSource(fixture("garment_extractor.safetensors"))
+    unet = mc.model.unet
+    partial = tmp_path / "partial.safetensors"
+    write_safetensors(str(partial), [(k, src[k]) for k in src.keys() if ".attn2." not in k])
+    with pytest.raises(CheckpointError, match=r"missing:\n.*attn2"):
+        read_denoiser(partial, unet)
+    sdxl = tmp_path / "sdxl.safetensors"
+    write_safetensors(str(sdxl), [(k, src[k]) for k in src.keys()]
+                      + [("add_embedding.linear_1.weight", np.zeros((8, 8), np.float32))])
+    with pytest.raises(CheckpointError, match="unexpected:\n *add_embedding"):
+        read_denoiser(sdxl, unet)
+    bad = tmp_path / "misshaped.safetensors"
+    write_safetensors(str(bad), [(k, src[k] if k != "conv_in.weight"
+                                  else np.zeros((32, 4, 1, 1), np.float32)) for k in src.keys()])
+    with pytest.raises(CheckpointError, match=r"conv_in.weight: \(32, 4, 1, 1\) vs"):
+        read_denoiser(bad, unet)
+
+
 # -------------------------------------------------------------------------------- masks
 
 
@@ -261,8 +314,8 @@ def test_cli_writes_images(tmp_path, garments, mc, monkeypatch):
         np.testing.assert_array_equal(module_to_flat(vae)[key], value)
     calls = []
 
-    def load(base, extractor, vae=None):
-        calls.append((base, extractor, vae))
+    def load(base, extractor, vae=None, denoiser=None):
+        calls.append((base, extractor, vae, denoiser))
         return mc
 
     monkeypatch.setattr(mc_lib, "load_magic_clothing", load)
@@ -273,11 +326,13 @@ def test_cli_writes_images(tmp_path, garments, mc, monkeypatch):
     args = ["--task", "garment2image", "--base", str(fixture("model")), "--vae",
             str(fixture("model", "vae")), "--extractor",
             str(fixture("garment_extractor.safetensors")), "--garment", str(tmp_path / "g.png"),
+            "--denoiser", str(fixture("model", "unet", "diffusion_pytorch_model.safetensors")),
             "--garment-mask", str(tmp_path / "m.png"), "--num-images", "2", "--height", "32",
             "--width", "24", "--no-progress", "--grid", "--out", str(out)]
     assert sample.main(args) == 0
     assert calls == [(str(fixture("model")), str(fixture("garment_extractor.safetensors")),
-                      str(fixture("model", "vae")))]
+                      str(fixture("model", "vae")),
+                      str(fixture("model", "unet", "diffusion_pytorch_model.safetensors")))]
     files = sorted(os.listdir(out))
     assert files == ["garment2image_000.png", "garment2image_001.png", "garment_mask.png",
                      "grid.png"]
@@ -286,3 +341,8 @@ def test_cli_writes_images(tmp_path, garments, mc, monkeypatch):
                       "--extractor", str(tmp_path / "nope.safetensors"),
                       "--garment", str(tmp_path / "g.png"), "--out", str(tmp_path / "o2")])
     assert rc == 2 and not (tmp_path / "o2").exists()
+    rc = sample.main(["--task", "garment2image", "--base", str(fixture("model")),
+                      "--extractor", str(fixture("garment_extractor.safetensors")),
+                      "--denoiser", str(tmp_path / "nope.safetensors"),
+                      "--garment", str(tmp_path / "g.png"), "--out", str(tmp_path / "o3")])
+    assert rc == 2 and not (tmp_path / "o3").exists()

@@ -14,6 +14,8 @@ def _config(tmp_path):
 
     c = magic_clothing_tiny.get_config()
     c.model.base = str(shared_path("fixtures", "magic_clothing", "model"))
+    c.model.denoiser = ""        # the paper's setting: the base's own denoiser, frozen,
+    c.model.init = "base"        # and the extractor starting as its copy
     c.model.train_denoiser = False
     c.train.steps = 2
     c.train.batch_size = 8
@@ -121,3 +123,44 @@ def test_train_denoiser_needs_a_diffusers_base(tmp_path):
     c.model.train_denoiser = True
     with pytest.raises(ConfigError, match="model.train_denoiser.*no unet/"):
         make_task(c).validate()
+    c = _config(tmp_path)
+    c.model.denoiser = str(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="model.denoiser .*missing.safetensors is not a "
+                                          ".safetensors file"):
+        make_task(c).validate()
+
+
+def test_shipped_baseline_reads_the_garment(tmp_path):
+    """The tiny demo's shipped start (assets/tiny_magic_clothing) uses the garment: on the unseen
+    test pairs its denoiser's epsilon error in the garment region is lowest with the right
+    garment, higher with none, highest with another pair's (docs/magic_clothing.md)."""
+    from leffa_jax.configs import magic_clothing_tiny
+    from leffa_jax.systems.magic_clothing_train import garment_use, trained_task
+
+    c = magic_clothing_tiny.get_config()
+    c.data.root = str(tmp_path / "data")
+    task, model = trained_task(c)
+    r = garment_use(task, model, next(iter(task.dataset("test"))), timesteps=(250,), draws=2)
+    right, zero, other = (r[250][k][0] for k in ("right", "zero", "other"))
+    assert right < 0.95 * zero < 0.95 * other
+
+
+def test_sample_colour_distance_closed_form():
+    """Samples painted exactly in their garment's mean colour are at distance 0 from it and at
+    the garments' mutual distance from the others."""
+    from leffa_jax.systems.magic_clothing_train import sample_colour_distance
+
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.float32)
+    garment = np.zeros((3, 4, 4, 3), np.float32) - 1
+    garment[:, :2] = colours[:, None, None] / 255 * 2 - 1       # the top half is the garment
+    cloth = np.zeros((3, 4, 4, 1), np.float32)
+    cloth[:, :2] = 1
+    person = np.zeros((3, 4, 4, 1), np.float32)
+    person[:, 2:] = 1                                            # worn on the bottom half
+    samples = np.zeros((3, 2, 4, 4, 3), np.uint8)
+    samples[:, :, 2:] = colours[:, None, None, None].astype(np.uint8)
+    right, other = sample_colour_distance(samples, {"garment": garment,
+                                                    "garment_cloth_mask": cloth,
+                                                    "garment_mask": person})
+    assert right == pytest.approx(0.0, abs=1e-4)
+    assert other == pytest.approx(255 * np.sqrt(2), rel=1e-6)

@@ -1,20 +1,26 @@
 """Tiny Magic Clothing on the synthetic VITON-HD-layout set (CPU, 2 cores): the embedded demo.
 
+    python -m leffa_jax.systems.magic_clothing_train --demo --workdir /tmp/mc_demo
+    # or the training alone:
     python -m leffa_jax.train --config leffa_jax/configs/magic_clothing_tiny.py \\
         --workdir /tmp/mc_tiny
 
 Hardware: 2 CPU cores. Base: the tiny random SD1.5 of the shared fixtures (32x24 images, CLIP
 width 32, real CLIP vocabulary); because that base is random, the demo trains the denoiser
 together with the extractor (`model.train_denoiser`), unlike the paper. The VAE is the one of
-the demo's tiny try-on baseline (`leffa_jax/assets/tiny_tryon_baseline`, trained on this
-synthetic set; `model.vae`), so latents decode to pictures. Expect a few minutes
-(200 steps, batch 8); the epsilon MSE falls from about 1.0; the image grid (garment | person |
-sample from the template caption, joint guidance, UniPC) lands in the workdir's images every
-`log.image_every` steps, and at the end `export/garment_extractor.safetensors` (released layout)
-and `export/base/` (the base folder with the trained denoiser). 200 steps show the training
-machinery, not garment use: the denoiser starts reading the garment between 2000 and 6000
-steps (`--config.train.steps=6000`, 23 min on a quiet 2-core VM; measured with
-tools/magic_clothing_garment_use.py, table in docs/magic_clothing.md). Sample from them:
+the Leffa demo's tiny try-on baseline (`leffa_jax/assets/tiny_tryon_baseline`, trained on this
+synthetic set; `model.vae`), so latents decode to pictures. The run starts from the shipped tiny
+Magic Clothing baseline (`leffa_jax/assets/tiny_magic_clothing`: `model.denoiser` and
+`model.init=extractor:...`; 6000 steps of this config from scratch, its provenance.json), because
+the denoiser only starts reading the garment between 2000 and 6000 steps. 200 steps of
+fine-tuning take about 2 minutes (1 min of steps, batch 8, epsilon MSE about 0.1); the image grid
+(garment | person | sample from the template caption, joint guidance, UniPC) lands in the
+workdir's images every `log.image_every` steps, and at the end
+`export/garment_extractor.safetensors` (released layout) and `export/base/` (the base folder with
+the trained denoiser). The demo command also prints the garment-use measure (right garment <
+none < another garment's, docs/magic_clothing.md) and writes grid.png. From scratch (23 min on a
+quiet 2-core VM): `--config.model.denoiser= --config.model.init=base --config.train.steps=6000`.
+Sample from a run:
 
     python -m leffa_jax.sample --task garment2image --base /tmp/mc_tiny/export/base \\
         --vae leffa_jax/assets/tiny_tryon_baseline \\
@@ -22,8 +28,15 @@ tools/magic_clothing_garment_use.py, table in docs/magic_clothing.md). Sample fr
         --height 32 --width 24 --out /tmp/mc_tiny/samples
 """
 
+import os
+
 from leffa_jax.demo import BASELINE_DIR
-from leffa_jax.systems.magic_clothing_train import base_config
+from leffa_jax.systems.magic_clothing_train import (
+    BASELINE_DENOISER,
+    BASELINE_EXTRACTOR,
+    base_config,
+)
+from leffa_jax.systems.magic_clothing_train import BASELINE_DIR as MC_BASELINE_DIR
 
 
 def get_config():
@@ -37,6 +50,8 @@ def get_config():
     c.train.ema_warmup = True
     c.model.train_denoiser = True
     c.model.vae = BASELINE_DIR
+    c.model.denoiser = os.path.join(MC_BASELINE_DIR, BASELINE_DENOISER)
+    c.model.init = "extractor:" + os.path.join(MC_BASELINE_DIR, BASELINE_EXTRACTOR)
     c.train.loss_weighting = "truncated_snr"  # as the Leffa demo (configs/synthetic_tiny.py)
     c.checkpoint.every = 100
     c.checkpoint.keep = 2

@@ -22,11 +22,10 @@ import os
 import zipfile
 from collections.abc import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from leffa_jax.weights.modules import check_keys, flat_to_nested
+from leffa_jax.weights.modules import module_with_params
 from leffa_jax.weights.tensor_io import CheckpointError, CheckpointNotFoundError, TensorSource
 
 WHERE = {
@@ -115,11 +114,7 @@ def read_state(path: str) -> dict[str, np.ndarray]:
 
 def build(cls, flat: Mapping[str, np.ndarray], where: str):
     """`cls(rngs=...)` holding exactly `flat` {flax path: array} (strict keys and shapes)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0))))
-    want = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
-    check_keys({k: tuple(v.shape) for k, v in flat.items()}, want, where)
-    nnx.replace_by_pure_dict(state, flat_to_nested({k: jnp.asarray(v) for k, v in flat.items()}))
-    return nnx.merge(graphdef, state)
+    return module_with_params(nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0))), flat, where)
 
 
 def _conv_kernel(w: np.ndarray) -> np.ndarray:

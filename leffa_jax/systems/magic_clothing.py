@@ -60,7 +60,12 @@ from leffa_jax.systems.text2image_model import (
     load_text2image,
 )
 from leffa_jax.weights.modules import module_from_flat
-from leffa_jax.weights.plan_magic_clothing import EXTRACTOR, read_extractor, write_extractor
+from leffa_jax.weights.plan_magic_clothing import (
+    EXTRACTOR,
+    read_denoiser,
+    read_extractor,
+    write_extractor,
+)
 from leffa_jax.weights.plans import find_weights
 from leffa_jax.weights.tensor_io import CheckpointError, TensorSource
 
@@ -105,6 +110,7 @@ class MagicClothing:
     system: TextToImage
     extractor_path: str | None
     fallback_keys: tuple[str, ...] = ()
+    denoiser_path: str | None = None
 
     @property
     def model(self) -> MagicClothingModel:
@@ -148,10 +154,13 @@ def load_vae(path: str):
 
 
 def load_magic_clothing(base: str | os.PathLike, extractor: str | os.PathLike | None = None, *,
-                        vae: str | os.PathLike | None = None) -> MagicClothing:
+                        vae: str | os.PathLike | None = None,
+                        denoiser: str | os.PathLike | None = None) -> MagicClothing:
     """base: an SD1.5 diffusers folder (or its leffa_jax conversion); extractor: the released
     garment-extractor .safetensors (None: a copy of the denoiser, the training start);
-    vae: a separate VAE folder replacing the base's."""
+    vae: a separate VAE folder replacing the base's; denoiser: a flat diffusers UNet
+    .safetensors replacing every weight of the base's UNet (`read_denoiser`; e.g. the tiny demo's
+    shipped denoiser), read before the extractor so that its fallback keys come from it."""
     system = load_text2image(base)
     model = system.model
     if model.sdxl:
@@ -160,6 +169,8 @@ def load_magic_clothing(base: str | os.PathLike, extractor: str | os.PathLike | 
     modules = {name: getattr(model, name) for name in ("unet", "vae", *model.encoder_names)}
     if vae is not None:
         modules["vae"] = load_vae(vae)
+    if denoiser is not None:
+        modules["unet"] = read_denoiser(denoiser, modules["unet"])
     fallback: tuple[str, ...] = ()
     if extractor is None:  # a copy with its own buffers (training donates the extractor's)
         graphdef, state = nnx.split(modules["unet"])
@@ -168,13 +179,15 @@ def load_magic_clothing(base: str | os.PathLike, extractor: str | os.PathLike | 
         modules["extractor"], fallback = read_extractor(extractor, modules["unet"],
                                                         model.config_dir)
     system = dataclasses.replace(system, model=MagicClothingModel(modules, model.config_dir))
-    return MagicClothing(system, None if extractor is None else os.fspath(extractor), fallback)
+    return MagicClothing(system, None if extractor is None else os.fspath(extractor), fallback,
+                         None if denoiser is None else os.fspath(denoiser))
 
 
 def save_extractor(mc: MagicClothing, out_path: str, *, overwrite: bool = False) -> int:
     """The extractor in the released layout (the official code loads it)."""
     return write_extractor(mc.model.extractor, out_path, overwrite=overwrite,
-                           sources=[p for p in (mc.extractor_path, mc.system.path) if p])
+                           sources=[p for p in (mc.extractor_path, mc.denoiser_path, mc.system.path)
+                                    if p])
 
 
 # --------------------------------------------------------------------------------------------

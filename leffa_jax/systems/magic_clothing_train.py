@@ -18,9 +18,12 @@ zero features. One loss evaluation (`MagicClothingTask.loss`):
 
 `model.base`: an SD1.5 diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), ""
 for the tiny random SD1.5 of the shared fixtures (demo, tests); `model.init`: "base" (extractor
-= a copy of the denoiser) or "extractor:FILE" (resume from a released-layout file).
+= a copy of the denoiser) or "extractor:FILE" (resume from a released-layout file);
+`model.denoiser`: "" or a flat diffusers UNet .safetensors replacing the base UNet's weights (the
+tiny demo starts from its shipped denoiser, `assets/tiny_magic_clothing`).
 `model.train_denoiser` also trains the denoiser (only for the tiny demo, whose base is random).
-Export: `garment_extractor.safetensors` in the released layout (the official code loads it).
+Export: `garment_extractor.safetensors` in the released layout (the official code loads it);
+with a trained or replaced denoiser also `base/`, the base folder holding it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ from leffa_jax.training.task import Task
 EXPORT_FILE = "garment_extractor.safetensors"
 EXPORT_BASE = "base"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# The tiny demo's shipped start (tools/make_tiny_magic_clothing_baseline.py; provenance.json there)
+BASELINE_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "assets" / "tiny_magic_clothing")
+BASELINE_DENOISER = "denoiser.safetensors"
+BASELINE_EXTRACTOR = EXPORT_FILE
 
 
 def base_config():
@@ -64,6 +71,7 @@ def base_config():
     c.model.base = ""                 # SD1.5 diffusers folder; "" = the tiny fixture model
     c.model.vae = ""                  # optional separate VAE folder (e.g. sd-vae-ft-mse)
     c.model.init = "base"             # base | extractor:FILE
+    c.model.denoiser = ""             # optional flat UNet .safetensors replacing the base's weights
     c.model.train_denoiser = False    # the paper freezes it
     c.train.garment_drop_prob = 0.05
     c.train.text_drop_prob = 0.05
@@ -139,6 +147,11 @@ class MagicClothingTask(Task):
         if not os.path.isdir(self.base()):
             raise ConfigError(f"model.base {self.base()} is not a folder: give an SD1.5 "
                               "diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
+        denoiser = c.model.get("denoiser")
+        if denoiser and not (os.path.isfile(denoiser) and denoiser.endswith(".safetensors")):
+            raise ConfigError(f"model.denoiser {denoiser} is not a .safetensors file: give a flat "
+                              "diffusers UNet state dict of the base's architecture (or '' for "
+                              "the base's own unet/)")
         kind, _, path = c.model.init.partition(":")
         if c.model.init != "base" and (kind != "extractor" or not os.path.isfile(path)):
             raise ConfigError(f"model.init={c.model.init!r}: use 'base' (the extractor starts as "
@@ -148,11 +161,11 @@ class MagicClothingTask(Task):
                                                         "both_drop_prob")]
         if min(probs) < 0 or sum(probs) > 1:
             raise ConfigError(f"train.garment/text/both_drop_prob {probs}: each >= 0, sum <= 1")
-        if c.model.get("train_denoiser", False) and not os.path.isdir(
+        if (c.model.get("train_denoiser", False) or denoiser) and not os.path.isdir(
                 os.path.join(self.base(), "unet")):
-            raise ConfigError(f"model.train_denoiser: model.base {self.base()} has no unet/ "
-                              "folder; the export writes the trained denoiser into a copy of the "
-                              "base diffusers folder: give that folder (not a leffa_jax "
+            raise ConfigError(f"model.train_denoiser / model.denoiser: model.base {self.base()} "
+                              "has no unet/ folder; the export writes the denoiser into a copy "
+                              "of the base diffusers folder: give that folder (not a leffa_jax "
                               "conversion)")
         if float(c.data.get("flip_prob", 0.0)) > 0:
             raise ConfigError("data.flip_prob > 0: garment masks are read by file name, so "
@@ -166,7 +179,8 @@ class MagicClothingTask(Task):
     def init_model(self):
         kind, _, path = self.config.model.init.partition(":")
         self.mc = mc_lib.load_magic_clothing(self.base(), path if kind == "extractor" else None,
-                                             vae=self.config.model.get("vae") or None)
+                                             vae=self.config.model.get("vae") or None,
+                                             denoiser=self.config.model.get("denoiser") or None)
         return self.mc.model
 
     def prepare(self, model):
@@ -250,13 +264,14 @@ class MagicClothingTask(Task):
     # ------------------------------------------------------------------ outputs
     def export(self, model, params, frozen, out_dir: str) -> None:
         """out_dir/garment_extractor.safetensors (released layout; written atomically); with
-        `model.train_denoiser` also out_dir/base/, the base folder with the trained denoiser
-        (`export_base`), so that `sample --task garment2image --base out_dir/base` uses it."""
+        `model.train_denoiser` or `model.denoiser` also out_dir/base/, the base folder with the
+        denoiser used (`export_base`), so that `sample --task garment2image --base out_dir/base`
+        uses it."""
         self.load_into(model, params, frozen)
         os.makedirs(out_dir, exist_ok=True)
         mc_lib.write_extractor(model.extractor, os.path.join(out_dir, EXPORT_FILE),
                                overwrite=True)
-        if "unet" in self.trainable:
+        if "unet" in self.trainable or self.config.model.get("denoiser"):
             export_base(self.base(), model.unet, os.path.join(out_dir, EXPORT_BASE))
 
     def image_row(self, model, params, frozen, host_batch):
@@ -272,3 +287,163 @@ class MagicClothingTask(Task):
                               steps=int(self.config.log.sample_steps), seed=0, shard=False)
         return [viz.to_uint8(np.asarray(out.garment_pixels[0])),
                 viz.to_uint8(host_batch["person"][0]), out.images[0]]
+
+
+# ----------------------------------------------------------------------------- demo
+def garment_use(task: MagicClothingTask, model, batch, timesteps=(250, 500, 750, 900),
+                draws: int = 4) -> dict[int, dict[str, tuple[float, float]]]:
+    """Does the model read the garment? {t: {variant: (epsilon MSE in the person's garment
+    region, over the whole latent)}} of the denoiser on `batch` (host arrays, e.g. unseen test
+    pairs) with the right garment, another pair's ("other": the batch rolled by one) and zero
+    garment features ("zero"), averaged over `draws` noise draws: `MagicClothingTask.loss`'s
+    computation without dropout. A model that reads the garment has its lowest error with the
+    right one. `task` must be prepared with `model`."""
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    vae, sf = model.vae, model.vae.config.scaling_factor
+    z = vae.encode(batch["person"]).mean * sf
+    z_g = vae.encode(batch["garment"] * batch["garment_cloth_mask"]).mean * sf
+    b = z.shape[0]
+    text = model.text_encoder(batch["input_ids"]).last_hidden_state
+    null = model.text_encoder(jnp.broadcast_to(task.null_ids, batch["input_ids"].shape)
+                              ).last_hidden_state
+    mask = jax.image.resize(batch["garment_mask"], (b, *z.shape[1:3], 1), "linear")
+
+    @jax.jit
+    def errors(z_t, t, noise, z_garment, keep):
+        feats = model.extractor(z_garment, jnp.zeros((), jnp.int32), null,
+                                collect_features=True).features
+        eps = model.unet(z_t, t, text, reference_features=[f * keep for f in feats]).sample
+        err = (eps - noise) ** 2
+        return jnp.sum(err * mask) / (jnp.sum(mask) * err.shape[-1]), jnp.mean(err)
+
+    variants = {"right": (z_g, 1.0), "other": (jnp.roll(z_g, 1, axis=0), 1.0),
+                "zero": (z_g, 0.0)}
+    out = {}
+    for t_val in timesteps:
+        rows = {k: [] for k in variants}
+        for seed in range(draws):
+            noise = jax.random.normal(jax.random.key(seed), z.shape)
+            t = jnp.full((b,), t_val, jnp.int32)
+            z_t = schedulers.add_noise(task.schedule, z, noise, t)
+            for name, (zg, keep) in variants.items():
+                rows[name].append([float(e) for e in errors(z_t, t, noise, zg,
+                                                            jnp.float32(keep))])
+        out[int(t_val)] = {k: tuple(np.mean(v, axis=0).tolist()) for k, v in rows.items()}
+    return out
+
+
+def sample_colour_distance(samples: np.ndarray, batch) -> tuple[float, float]:
+    """Do samples wear their garment's colours? samples (N, K, H, W, 3) uint8, K samples made
+    with garment i of `batch` (N pairs, model range). The mean RGB (0-255) of each sample inside
+    the pair's person garment mask (the synthetic people share one layout) against each
+    garment's mean RGB inside its cloth mask: -> (mean distance to the garment it was given,
+    mean distance to the other garments)."""
+    def mean_colour(images, masks):
+        m = np.asarray(masks, np.float32)[..., :1]
+        return (images * m).sum(axis=(-3, -2)) / m.sum(axis=(-3, -2))
+
+    garments = mean_colour((np.asarray(batch["garment"], np.float32) / 2 + 0.5) * 255,
+                           batch["garment_cloth_mask"])                           # (N, 3)
+    worn = mean_colour(samples.astype(np.float32),
+                       np.asarray(batch["garment_mask"])[:, None])               # (N, K, 3)
+    dist = np.linalg.norm(worn[:, :, None] - garments[None, None], axis=-1)     # (N, K, N)
+    own = np.eye(len(garments), dtype=bool)[:, None, :].repeat(worn.shape[1], axis=1)
+    return float(dist[own].mean()), float(dist[~own].mean())
+
+
+def print_garment_use(results: dict[int, dict[str, tuple[float, float]]]) -> None:
+    print("epsilon MSE in the garment region (whole latent): right / other garment / none")
+    for t, row in results.items():
+        print(f"t={t:4d}  " + "  ".join(f"{k}: {v[0]:.4f} ({v[1]:.4f})" for k, v in row.items()),
+              flush=True)
+
+
+def trained_task(config, work: str | None = None) -> tuple[MagicClothingTask, object]:
+    """(prepared task, model) of `config` holding a run's export (`work`/export: its
+    garment_extractor.safetensors and, when present, base/), or the config's own start when
+    `work` is None."""
+    c = config.copy_and_resolve_references()
+    if work is not None:
+        export = os.path.join(work, "export")
+        if os.path.isdir(os.path.join(export, EXPORT_BASE)):
+            c.model.base, c.model.denoiser = os.path.join(export, EXPORT_BASE), ""
+        c.model.init = "extractor:" + os.path.join(export, EXPORT_FILE)
+    task = MagicClothingTask(c)
+    task.validate()
+    model = task.init_model()
+    task.prepare(model)
+    return task, model
+
+
+def demo(workdir: str, steps: int | None = None, samples_per_garment: int = 2) -> dict:
+    """The embedded demo: `configs/magic_clothing_tiny.py` fine-tunes the shipped tiny baseline
+    (`assets/tiny_magic_clothing`) on the synthetic set, then on the unseen test pairs prints
+    `garment_use` (shipped start vs the fine-tuned model) and writes `workdir/grid.png`: per
+    test garment, garment | the test person wearing it | `samples_per_garment` samples from the
+    template caption with that garment (joint guidance, UniPC 20 steps), and prints
+    `sample_colour_distance` of the samples and of the test people themselves. 3 min on 2 CPU
+    cores. -> {"start" / "trained": garment_use results, "colour_distance_samples" /
+    "colour_distance_test": (right, other)}."""
+    from leffa_jax import imageio, train
+    from leffa_jax.configs import magic_clothing_tiny
+    from leffa_jax.imageio import to_uint8
+
+    c = magic_clothing_tiny.get_config()
+    if steps is not None:
+        c.train.steps = int(steps)
+    run = os.path.join(workdir, "run")
+    train.train(c, run)  # resumes / returns at once when the run is complete
+    results = {}
+    for name, work in (("start", None), ("trained", run)):
+        task, model = trained_task(c, work)
+        test = next(iter(task.dataset("test")))
+        print(f"{name}: " + ("the shipped baseline" if work is None else f"{run}/export"))
+        results[name] = garment_use(task, model, test, timesteps=(250, 500, 900))
+        print_garment_use(results[name])
+    n = test["garment"].shape[0]
+    h, w = task.image_hw
+    out = mc_lib.generate(
+        task.mc, [to_uint8(g) for g in test["garment"]],
+        [c.data.caption_template] * n, a_prompt=None,
+        garment_mask_image=[(np.asarray(m[..., 0]) * 255).astype(np.uint8)
+                            for m in test["garment_cloth_mask"]],
+        num_images_per_prompt=samples_per_garment, height=h, width=w, steps=20, seed=0,
+        shard=False)
+    print("mean colour in the test person's garment region vs the garment's (RGB distance, "
+          "0-255): the garment given / the other test garments")
+    for name, images in (("samples", np.asarray(out.images).reshape(n, samples_per_garment, h,
+                                                                    w, 3)),
+                         ("test people (the data)", to_uint8(np.asarray(test["person"]))[:, None])):
+        right, other = sample_colour_distance(images, test)
+        print(f"  {name:24s} {right:5.1f} / {other:5.1f}")
+        results[f"colour_distance_{name.split()[0]}"] = (right, other)
+    rows = []
+    for i in range(n):
+        row = [to_uint8(np.asarray(out.garment_pixels[i])), to_uint8(test["person"][i])]
+        row += list(out.images[i * samples_per_garment:(i + 1) * samples_per_garment])
+        rows.append(np.concatenate(row, axis=1))
+    path = os.path.join(workdir, "grid.png")
+    imageio.save_png(path, np.concatenate(rows, axis=0))
+    print(f"wrote {path}: per unseen test garment, garment | person wearing it | "
+          f"{samples_per_garment} samples with it")
+    return results
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m leffa_jax.systems.magic_clothing_train",
+        description="Magic Clothing's embedded demo: the tiny config fine-tunes the shipped tiny "
+                    "baseline on the synthetic set (2 CPU cores, 2-3 minutes), prints how much "
+                    "the denoiser reads the garment and writes a grid of samples.")
+    parser.add_argument("--demo", action="store_true", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--steps", type=int, default=None, help="default: the tiny config's")
+    args = parser.parse_args(argv)
+    demo(args.workdir, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

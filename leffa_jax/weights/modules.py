@@ -89,14 +89,20 @@ def nested_to_flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 def module_from_flat(component: Component | str, config_dir: str, flat: Mapping[str, Any],
                      in_channels: int | None = None):
     """The NNX module of `component` holding exactly the given {flax path: array}."""
+    component = components_lib.as_component(component, in_channels)
+    return module_with_params(abstract_module(component, config_dir), flat,
+                              f"[{component.name}] parameters")
+
+
+def module_with_params(module, flat: Mapping[str, Any], where: str):
+    """A module of `module`'s structure (abstract or not; it is left unchanged) holding exactly
+    `flat` {flax path: array}: every variable, in its shape (`check_keys`, naming `where`)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    component = components_lib.as_component(component, in_channels)
-    graphdef, state = nnx.split(abstract_module(component, config_dir))
+    graphdef, state = nnx.split(module)
     want = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
-    check_keys({k: tuple(v.shape) for k, v in flat.items()}, want,
-               f"[{component.name}] parameters")
+    check_keys({k: tuple(v.shape) for k, v in flat.items()}, want, where)
     nnx.replace_by_pure_dict(state, flat_to_nested({k: jnp.asarray(v) for k, v in flat.items()}))
     return nnx.merge(graphdef, state)
 

@@ -23,7 +23,12 @@ from leffa_jax import components as components_lib
 from leffa_jax.components import Component
 from leffa_jax.weights import outputs
 from leffa_jax.weights.leaf_rules import apply_to_shape
-from leffa_jax.weights.modules import module_from_flat, module_to_flat
+from leffa_jax.weights.modules import (
+    check_keys,
+    module_from_flat,
+    module_to_flat,
+    module_with_params,
+)
 from leffa_jax.weights.tensor_io import CheckpointError, TensorSource, write_safetensors
 
 EXTRACTOR = Component("extractor", "unet", config="unet", role="garment extractor",
@@ -45,6 +50,40 @@ def _architecture_hint(keys) -> str:
             "unet/config.json.")
 
 
+def _torch_layout(flat: dict[str, np.ndarray], in_channels: int | None = None
+                  ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """torch key -> (flax path, torch shape) of a UNet's flat parameters in the diffusers layout;
+    `in_channels` overrides conv_in's input channels."""
+    kind = components_lib.kind_of(EXTRACTOR)
+    want = {}
+    for flax_path, array in flat.items():
+        shape = array.shape
+        if in_channels is not None and flax_path == "conv_in.kernel":
+            shape = shape[:2] + (in_channels,) + shape[3:]
+        key, torch_shape = apply_to_shape(kind.flax_to_torch, flax_path, shape)
+        want[key] = (flax_path, torch_shape)
+    return want
+
+
+def read_denoiser(path: str | os.PathLike, denoiser):
+    """The base UNet `denoiser` with every weight replaced from `path`, a flat diffusers UNet
+    state dict (.safetensors; e.g. a fine-tune's unet/diffusion_pytorch_model.safetensors or the
+    tiny demo's shipped denoiser). Strict: every key of the base UNet, in its shape, and nothing
+    else (a CheckpointError lists the differences); stored float16 is read into the base's dtype."""
+    source = TensorSource(path)
+    kind = components_lib.kind_of(EXTRACTOR)
+    base = module_to_flat(denoiser)
+    want = _torch_layout(base)
+    keys = [k for k in source.keys() if kind.canonical_key(k) is not None]
+    check_keys({k: tuple(source.shape(k)) for k in keys}, {k: v[1] for k, v in want.items()},
+               f"denoiser file {path}")
+    flat = {}
+    for key in keys:
+        flax_path, array = kind.torch_to_flax(key, source[key])
+        flat[flax_path] = np.asarray(array).astype(base[flax_path].dtype, copy=False)
+    return module_with_params(denoiser, flat, f"denoiser file {path}")
+
+
 def read_extractor(path: str | os.PathLike, denoiser, config_dir: str):
     """-> (extractor UNet, tuple of the torch keys that fell back to the denoiser's values).
 
@@ -55,13 +94,7 @@ def read_extractor(path: str | os.PathLike, denoiser, config_dir: str):
     kind = components_lib.kind_of(EXTRACTOR)
     base = module_to_flat(denoiser)
     in_channels = denoiser.config.in_channels
-    want: dict[str, tuple[str, tuple[int, ...]]] = {}  # torch key -> (flax path, torch shape)
-    for flax_path, array in base.items():
-        shape = array.shape
-        if in_channels != 4 and flax_path == "conv_in.kernel":
-            shape = shape[:2] + (4,) + shape[3:]
-        key, torch_shape = apply_to_shape(kind.flax_to_torch, flax_path, shape)
-        want[key] = (flax_path, torch_shape)
+    want = _torch_layout(base, 4 if in_channels != 4 else None)
     keys = [k for k in source.keys() if kind.canonical_key(k) is not None]
     unexpected = sorted(k for k in keys if k not in want)
     misshaped = sorted(k for k in keys if k in want and tuple(source.shape(k)) != want[k][1])
