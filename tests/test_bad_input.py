@@ -269,10 +269,13 @@ def test_base_configs_ship_with_the_package_and_resolve_by_name(tmp_path):
         assert uses_zero_terminal_snr(path) is (name == "sdxl-inpainting")  # the official rule
     assets = pathlib.Path(base_configs.ASSETS_DIR)
     assert sum(f.stat().st_size for f in assets.rglob("*.json")) < 20_000  # configs only
-    # weights: only the demo's tiny try-on baseline (float16), kept small
-    weights = [f for f in assets.rglob("*") if f.is_file() and f.suffix != ".json"]
-    assert [f.parent.name for f in weights] == ["tiny_tryon_baseline"]
-    assert weights[0].stat().st_size < 4_000_000
+    # weights: only the demos' tiny baselines (float16), kept small
+    weights = {f.relative_to(assets).as_posix(): f.stat().st_size
+               for f in assets.rglob("*") if f.is_file() and f.suffix != ".json"}
+    assert sorted(weights) == ["tiny_magic_clothing/denoiser.safetensors",
+                               "tiny_magic_clothing/garment_extractor.safetensors",
+                               "tiny_tryon_baseline/params.safetensors"]
+    assert max(weights.values()) < 4_000_000 and sum(weights.values()) < 10_000_000
     assert base_configs.resolve_base_config(tmp_path) == str(tmp_path)  # a folder wins
     with pytest.raises(CheckpointNotFoundError, match="'sd21'.*sd15-inpainting, sdxl-inpainting"):
         base_configs.resolve_base_config("sd21")

@@ -254,6 +254,11 @@ def test_shipped_denoiser_is_read_whole(mc):
         assert np.asarray(got[...]).dtype == np.float32
         np.testing.assert_array_equal(np.asarray(got[...]), want)
     np.testing.assert_array_equal(np.asarray(mc.model.unet.conv_out.kernel[...]), before)
+    # the training start with it: the extractor is a copy of the replaced denoiser
+    start = mc_lib.load_magic_clothing(fixture("model"), denoiser=path)
+    conv_in = ref["conv_in.weight"].astype(np.float32).transpose(2, 3, 1, 0)
+    for module in (start.model.unet, start.model.extractor):
+        np.testing.assert_array_equal(np.asarray(module.conv_in.kernel[...]), conv_in)
 
 
 def test_bad_denoiser_files(mc, tmp_path):

@@ -2,9 +2,8 @@
 fine-tunes from (`leffa_jax/assets/tiny_magic_clothing`): its denoiser and garment extractor as
 flat diffusers UNet files in float16, and `provenance.json` saying how they were made.
 
-    python -m leffa_jax.train --config leffa_jax/configs/magic_clothing_tiny.py \\
-        --workdir /tmp/mc_6k --config.model.denoiser= --config.model.init=base \\
-        --config.train.steps=6000          # from scratch: 23 min on a quiet 2-core VM
+    python -m leffa_jax.train --config leffa_jax/configs/magic_clothing_tiny.py:scratch \\
+        --workdir /tmp/mc_6k               # 6000 steps from scratch: 23 min, quiet 2-core VM
     python tools/magic_clothing_garment_use.py /tmp/mc_6k       # check it reads the garment
     python tools/make_tiny_magic_clothing_baseline.py /tmp/mc_6k "how it was made"
 
@@ -32,26 +31,43 @@ from leffa_jax.weights.tensor_io import TensorSource, write_safetensors
 
 def float16_copy(src: str, dst: str, provenance: str) -> int:
     source = TensorSource(src)
-    items = [(k, np.asarray(source[k]).astype(np.float16)) for k in sorted(source.keys())]
+    items = []
+    for key in sorted(source.keys()):
+        value = np.asarray(source[key]).astype(np.float16)
+        if not np.all(np.isfinite(value)):
+            raise SystemExit(f"{src}: {key} does not fit float16 (overflows to inf)")
+        items.append((key, value))
     write_safetensors(dst, items, metadata={"provenance": provenance})
     return len(items)
 
 
 def main(work: str, provenance: str, out_dir: str = BASELINE_DIR) -> None:
     export = os.path.join(work, "export")
-    denoiser = find_weights(os.path.join(export, EXPORT_BASE, "unet"))
+    denoiser_dir = os.path.join(export, EXPORT_BASE, "unet")
     extractor = os.path.join(export, EXPORT_FILE)
+    if not (os.path.isdir(denoiser_dir) and os.path.isfile(extractor)):
+        raise SystemExit(f"{work}: no export/{EXPORT_FILE} and export/{EXPORT_BASE}/unet/: give "
+                         "a finished run of the tiny config that trained its denoiser "
+                         "(model.train_denoiser, as magic_clothing_tiny.py:scratch)")
+    with open(os.path.join(work, "config.json")) as f:
+        data = json.load(f)["data"]
     staging = out_dir + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    n = float16_copy(denoiser, os.path.join(staging, BASELINE_DENOISER), provenance)
-    m = float16_copy(extractor, os.path.join(staging, BASELINE_EXTRACTOR), provenance)
-    with open(os.path.join(staging, "provenance.json"), "w") as f:
-        json.dump({"stored_dtype": "float16", "resolution": [32, 24], "provenance": provenance,
-                   "files": {BASELINE_DENOISER: f"the denoiser ({n} tensors)",
-                             BASELINE_EXTRACTOR: f"the garment extractor ({m} tensors)"}},
-                  f, indent=2)
-        f.write("\n")
+    try:
+        n = float16_copy(find_weights(denoiser_dir), os.path.join(staging, BASELINE_DENOISER),
+                         provenance)
+        m = float16_copy(extractor, os.path.join(staging, BASELINE_EXTRACTOR), provenance)
+        with open(os.path.join(staging, "provenance.json"), "w") as f:
+            json.dump({"stored_dtype": "float16", "resolution": [data["height"], data["width"]],
+                       "provenance": provenance,
+                       "files": {BASELINE_DENOISER: f"the denoiser ({n} tensors)",
+                                 BASELINE_EXTRACTOR: f"the garment extractor ({m} tensors)"}},
+                      f, indent=2)
+            f.write("\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # never left inside the package's assets
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.rename(staging, out_dir)
     print(f"wrote {out_dir}")

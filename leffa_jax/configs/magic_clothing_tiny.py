@@ -19,7 +19,7 @@ workdir's images every `log.image_every` steps, and at the end
 `export/garment_extractor.safetensors` (released layout) and `export/base/` (the base folder with
 the trained denoiser). The demo command also prints the garment-use measure (right garment <
 none < another garment's, docs/magic_clothing.md) and writes grid.png. From scratch (23 min on a
-quiet 2-core VM): `--config.model.denoiser= --config.model.init=base --config.train.steps=6000`.
+quiet 2-core VM): `--config leffa_jax/configs/magic_clothing_tiny.py:scratch`.
 Sample from a run:
 
     python -m leffa_jax.sample --task garment2image --base /tmp/mc_tiny/export/base \\
@@ -39,9 +39,14 @@ from leffa_jax.systems.magic_clothing_train import (
 from leffa_jax.systems.magic_clothing_train import BASELINE_DIR as MC_BASELINE_DIR
 
 
-def get_config():
+def get_config(arg: str | None = None):
+    """arg: None (fine-tune the shipped baseline) or "scratch" (train it from the random base,
+    6000 steps: `--config leffa_jax/configs/magic_clothing_tiny.py:scratch`)."""
+    if arg not in (None, "", "scratch"):
+        raise ValueError(f"magic_clothing_tiny.py:{arg}: the variants are '' (fine-tune the "
+                         "shipped baseline) and 'scratch' (6000 steps from the random base)")
     c = base_config()
-    c.train.steps = 200
+    c.train.steps = 6000 if arg == "scratch" else 200
     c.train.batch_size = 8
     c.train.lr = 1e-3
     c.train.dtype = "float32"
@@ -50,8 +55,9 @@ def get_config():
     c.train.ema_warmup = True
     c.model.train_denoiser = True
     c.model.vae = BASELINE_DIR
-    c.model.denoiser = os.path.join(MC_BASELINE_DIR, BASELINE_DENOISER)
-    c.model.init = "extractor:" + os.path.join(MC_BASELINE_DIR, BASELINE_EXTRACTOR)
+    if arg != "scratch":  # start from the shipped baseline: its denoiser and extractor
+        c.model.denoiser = os.path.join(MC_BASELINE_DIR, BASELINE_DENOISER)
+        c.model.init = "extractor:" + os.path.join(MC_BASELINE_DIR, BASELINE_EXTRACTOR)
     c.train.loss_weighting = "truncated_snr"  # as the Leffa demo (configs/synthetic_tiny.py)
     c.checkpoint.every = 100
     c.checkpoint.keep = 2

@@ -148,10 +148,10 @@ class MagicClothingTask(Task):
             raise ConfigError(f"model.base {self.base()} is not a folder: give an SD1.5 "
                               "diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
         denoiser = c.model.get("denoiser")
-        if denoiser and not (os.path.isfile(denoiser) and denoiser.endswith(".safetensors")):
-            raise ConfigError(f"model.denoiser {denoiser} is not a .safetensors file: give a flat "
-                              "diffusers UNet state dict of the base's architecture (or '' for "
-                              "the base's own unet/)")
+        if denoiser and not os.path.isfile(denoiser):
+            raise ConfigError(f"model.denoiser {denoiser} not found: give a flat diffusers UNet "
+                              "state dict of the base's architecture (.safetensors / .bin), or "
+                              "'' for the base's own unet/")
         kind, _, path = c.model.init.partition(":")
         if c.model.init != "base" and (kind != "extractor" or not os.path.isfile(path)):
             raise ConfigError(f"model.init={c.model.init!r}: use 'base' (the extractor starts as "
@@ -163,10 +163,11 @@ class MagicClothingTask(Task):
             raise ConfigError(f"train.garment/text/both_drop_prob {probs}: each >= 0, sum <= 1")
         if (c.model.get("train_denoiser", False) or denoiser) and not os.path.isdir(
                 os.path.join(self.base(), "unet")):
-            raise ConfigError(f"model.train_denoiser / model.denoiser: model.base {self.base()} "
-                              "has no unet/ folder; the export writes the denoiser into a copy "
-                              "of the base diffusers folder: give that folder (not a leffa_jax "
-                              "conversion)")
+            key = "model.train_denoiser" if c.model.get("train_denoiser", False) else \
+                "model.denoiser"
+            raise ConfigError(f"{key}: model.base {self.base()} has no unet/ folder; the export "
+                              "writes the denoiser into a copy of the base diffusers folder: "
+                              "give that folder (not a leffa_jax conversion)")
         if float(c.data.get("flip_prob", 0.0)) > 0:
             raise ConfigError("data.flip_prob > 0: garment masks are read by file name, so "
                               "flips would desynchronise them; set --config.data.flip_prob=0")
@@ -359,13 +360,23 @@ def print_garment_use(results: dict[int, dict[str, tuple[float, float]]]) -> Non
 
 
 def trained_task(config, work: str | None = None) -> tuple[MagicClothingTask, object]:
-    """(prepared task, model) of `config` holding a run's export (`work`/export: its
-    garment_extractor.safetensors and, when present, base/), or the config's own start when
-    `work` is None."""
+    """(prepared task, model): with `work`, the finished run there (its config.json, else
+    `config`, holding its export: garment_extractor.safetensors and, when written, base/ with
+    its denoiser); without, `config`'s own start."""
+    import json
+
+    import ml_collections
+
     c = config.copy_and_resolve_references()
     if work is not None:
         export = os.path.join(work, "export")
-        if os.path.isdir(os.path.join(export, EXPORT_BASE)):
+        if not os.path.isfile(os.path.join(export, EXPORT_FILE)):
+            raise ConfigError(f"{work} has no export/{EXPORT_FILE}: give the workdir of a "
+                              "finished Magic Clothing run (train it to train.steps first)")
+        if os.path.isfile(os.path.join(work, "config.json")):
+            with open(os.path.join(work, "config.json")) as f:
+                c = ml_collections.ConfigDict(json.load(f))
+        if os.path.isdir(os.path.join(export, EXPORT_BASE)):  # its trained / replaced denoiser
             c.model.base, c.model.denoiser = os.path.join(export, EXPORT_BASE), ""
         c.model.init = "extractor:" + os.path.join(export, EXPORT_FILE)
     task = MagicClothingTask(c)
