@@ -52,6 +52,14 @@ def check_output_folder(out: str, flag: str = "--out") -> None:
                          "a writable folder") from None
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def positive_multiple(name: str, value: int | None, factor: int) -> None:
     """UsageError unless `value` (None = unset) is a positive multiple of `factor`."""
     if value is not None and (value <= 0 or value % factor):

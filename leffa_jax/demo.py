@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from leffa_jax.cli import positive_int
+
 GRID_SCALE = 4  # the grid's panels are upscaled (nearest) so a 32x24 picture is visible
 SAMPLE_STEPS = 20
 BASELINE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
@@ -231,22 +233,15 @@ def train_stages(base, work: str, from_scratch: bool) -> str:
     return os.path.join(work, "baseline", "export")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m leffa_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
-    ap.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps per run")
+    ap.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps per run")
     ap.add_argument("--from-scratch", action="store_true",
                     help="train the VAE and the baseline here instead of starting from the shipped "
                          "baseline (about 40 minutes more on 2 CPU cores)")
-    ap.add_argument("--vae-steps", type=_positive_int, default=None, help="with --from-scratch: VAE steps")
-    ap.add_argument("--baseline-steps", type=_positive_int, default=None,
+    ap.add_argument("--vae-steps", type=positive_int, default=None, help="with --from-scratch: VAE steps")
+    ap.add_argument("--baseline-steps", type=positive_int, default=None,
                     help="with --from-scratch: baseline steps")
     args = ap.parse_args(argv)
     if not args.from_scratch and (args.vae_steps or args.baseline_steps):

@@ -816,6 +816,8 @@ def earlier_workdir(tmp_path):
     ([*TINY_TRAIN, "--config.train.lr=nan"], ["train.lr must be a finite number"]),
     ([*TINY_TRAIN, "--config.model.init=leffa:/no/such/export"], ["/no/such/export not found"]),
     ([*TINY_TRAIN, "stray"], ["unexpected argument(s) stray"]),
+    (["--config", "leffa_jax/configs/magic_clothing_tiny.py:big"],         # a config variant
+     ["magic_clothing_tiny.py:big: the variants are", "'scratch'"]),
 ])
 def test_train_bad_start_is_one_line_and_writes_nothing(earlier_workdir, tmp_path, capsys, argv,
                                                         needles):

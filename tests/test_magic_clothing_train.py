@@ -164,6 +164,17 @@ def test_tiny_config_variants(tmp_path):
         trained_task(c, str(tmp_path))
 
 
+def test_demo_refuses_bad_arguments(tmp_path, capsys):
+    """`--demo --steps 0` is an argparse error (exit 2) naming the flag; nothing is written."""
+    from leffa_jax.systems.magic_clothing_train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--demo", "--workdir", str(tmp_path / "demo"), "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--steps: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.slow  # compiles the tiny extractor + denoiser (about 15 s)
 def test_shipped_baseline_reads_the_garment(tmp_path):
     """The tiny demo's shipped start (assets/tiny_magic_clothing) uses the garment: on the unseen

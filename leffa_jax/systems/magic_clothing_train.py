@@ -443,6 +443,8 @@ def demo(workdir: str, steps: int | None = None, samples_per_garment: int = 2) -
 def main(argv=None) -> int:
     import argparse
 
+    from leffa_jax.cli import positive_int
+
     parser = argparse.ArgumentParser(
         prog="python -m leffa_jax.systems.magic_clothing_train",
         description="Magic Clothing's embedded demo: the tiny config fine-tunes the shipped tiny "
@@ -450,7 +452,8 @@ def main(argv=None) -> int:
                     "the denoiser reads the garment and writes a grid of samples.")
     parser.add_argument("--demo", action="store_true", required=True)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--steps", type=int, default=None, help="default: the tiny config's")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="default: the tiny config's")
     args = parser.parse_args(argv)
     demo(args.workdir, args.steps)
     return 0

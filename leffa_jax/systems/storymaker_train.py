@@ -747,6 +747,8 @@ def demo(workdir: str, steps: int | None = None, ip_loss: float = DEMO_IP_LOSS,
 def main(argv=None) -> int:
     import argparse
 
+    from leffa_jax.cli import positive_int
+
     parser = argparse.ArgumentParser(
         prog="python -m leffa_jax.systems.storymaker_train",
         description="StoryMaker's embedded demo: tiny training with vs without the "
@@ -754,7 +756,8 @@ def main(argv=None) -> int:
                     "minutes per run).")
     parser.add_argument("--demo", action="store_true", required=True)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--steps", type=int, default=None, help="default: the tiny config's")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="default: the tiny config's")
     parser.add_argument("--ip-loss", type=float, default=DEMO_IP_LOSS,
                         help="attention-mask loss weight of the 'with' run (official: 0.1)")
     parser.add_argument("--random-order", action="store_true",
