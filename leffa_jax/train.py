@@ -143,9 +143,8 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
         config = values.config
     except flags.Error as e:  # a config file's own error comes as a traceback: its last line
         head, _, trace = str(e).partition("Traceback (most recent call last):")
-        cause = trace.strip().splitlines()[-1] if trace.strip() else ""
-        raise UsageError(f"{' '.join(head.split())} {cause} (see {PROG} --help)".replace(
-            "  ", " ")) from None
+        message = " ".join(head.split() + trace.strip().splitlines()[-1:])
+        raise UsageError(f"{message} (see {PROG} --help)") from None
     except (AttributeError, KeyError) as e:  # ml_collections: an override naming no field
         raise UsageError(_unknown_key(argv, spec, e)) from None
     if rest:

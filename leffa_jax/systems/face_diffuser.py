@@ -357,7 +357,7 @@ def resize_antialias(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 def subject_pixels(images: Sequence[np.ndarray], resolution: int) -> np.ndarray:
     """Subject photos (H, W, 3) uint8 -> (K, R, R, 3) float32 in [0, 1]: PadToSquare, uint8
     Resize((R, R)) (torchvision's bilinear antialias in float32, rounded:
-    `data.object_augment.resize_bilinear`), / 255."""
+    `imageio.resize_bilinear`), / 255."""
     out = []
     for k, image in enumerate(images):
         image = np.asarray(image)

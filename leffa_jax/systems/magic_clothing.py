@@ -158,8 +158,8 @@ def load_magic_clothing(base: str | os.PathLike, extractor: str | os.PathLike | 
                         denoiser: str | os.PathLike | None = None) -> MagicClothing:
     """base: an SD1.5 diffusers folder (or its leffa_jax conversion); extractor: the released
     garment-extractor .safetensors (None: a copy of the denoiser, the training start);
-    vae: a separate VAE folder replacing the base's; denoiser: a flat diffusers UNet
-    .safetensors replacing every weight of the base's UNet (`read_denoiser`; e.g. the tiny demo's
+    vae: a separate VAE folder replacing the base's; denoiser: a flat diffusers UNet state dict
+    file replacing every weight of the base's UNet (`read_denoiser`; e.g. the tiny demo's
     shipped denoiser), read before the extractor so that its fallback keys come from it."""
     system = load_text2image(base)
     model = system.model

@@ -406,7 +406,7 @@ def demo(workdir: str, steps: int | None = None, samples_per_garment: int = 2) -
     train.train(c, run)  # resumes / returns at once when the run is complete
     results = {}
     for name, work in (("start", None), ("trained", run)):
-        task, model = trained_task(c, work)
+        task, model = trained_task(c, work)  # the trained one is kept for the samples below
         test = next(iter(task.dataset("test")))
         print(f"{name}: " + ("the shipped baseline" if work is None else f"{run}/export"))
         results[name] = garment_use(task, model, test, timesteps=(250, 500, 900))

@@ -65,6 +65,16 @@ def _torch_layout(flat: dict[str, np.ndarray], in_channels: int | None = None
     return want
 
 
+def _converted(source: TensorSource, keys, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{flax path: array} of the file's torch `keys`, in the dtypes of `base` (the UNet's)."""
+    kind = components_lib.kind_of(EXTRACTOR)
+    flat = {}
+    for key in keys:
+        flax_path, array = kind.torch_to_flax(key, source[key])
+        flat[flax_path] = np.asarray(array).astype(base[flax_path].dtype, copy=False)
+    return flat
+
+
 def read_denoiser(path: str | os.PathLike, denoiser):
     """The base UNet `denoiser` with every weight replaced from `path`, a flat diffusers UNet
     state dict (.safetensors; e.g. a fine-tune's unet/diffusion_pytorch_model.safetensors or the
@@ -77,11 +87,7 @@ def read_denoiser(path: str | os.PathLike, denoiser):
     keys = [k for k in source.keys() if kind.canonical_key(k) is not None]
     check_keys({k: tuple(source.shape(k)) for k in keys}, {k: v[1] for k, v in want.items()},
                f"denoiser file {path}")
-    flat = {}
-    for key in keys:
-        flax_path, array = kind.torch_to_flax(key, source[key])
-        flat[flax_path] = np.asarray(array).astype(base[flax_path].dtype, copy=False)
-    return module_with_params(denoiser, flat, f"denoiser file {path}")
+    return module_with_params(denoiser, _converted(source, keys, base), f"denoiser file {path}")
 
 
 def read_extractor(path: str | os.PathLike, denoiser, config_dir: str):
@@ -115,10 +121,7 @@ def read_extractor(path: str | os.PathLike, denoiser, config_dir: str):
         raise CheckpointError(f"{path}: the base UNet has {in_channels} input channels "
                               "(inpainting), so the 4-channel extractor needs conv_in.weight "
                               "from the file, which lacks it")
-    flat = dict(base)
-    for key in keys:
-        flax_path, array = kind.torch_to_flax(key, source[key])
-        flat[flax_path] = np.asarray(array).astype(base[flax_path].dtype, copy=False)
+    flat = {**base, **_converted(source, keys, base)}
     fallback = tuple(sorted(k for k in want if k not in set(keys)))
     component = components_lib.with_options(EXTRACTOR, in_channels=4)
     return module_from_flat(component, config_dir, flat), fallback
